@@ -1,0 +1,1 @@
+"""The command-line interface (typer): thin wrappers that parse, call the pipeline and print."""

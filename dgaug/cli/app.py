@@ -1,0 +1,226 @@
+"""The `dgaug` command: parse, call the pipeline, print. Heavy libraries are imported only when used."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dgaug.cli import exitcodes
+
+app = typer.Typer(
+    name="dgaug",
+    help=(
+        "Domain-generalization data augmentation for CLIP-style models.\n\n"
+        "A manifest (YAML) describes a batch job: a source of image-text pairs, the stages to run "
+        "(download -> edsam -> features -> ldfs) and an output folder. `dgaug run` does the work "
+        "shard by shard; running the same command again after a failure or a kill redoes only the "
+        "shards that are not committed.\n\n"
+        "Start with:  dgaug run manifests/demo.yaml   (offline, CPU, a few minutes)\n\n"
+        "Exit codes: 0 done; 1 some shards failed (see `dgaug status`); 2 invalid manifest, "
+        "source or arguments; 3 refused (another run holds the folder, or committed shards were "
+        "made with another config); 4 `status`: work remains; 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ManifestArg = Annotated[
+    Path, typer.Argument(help="Manifest YAML, e.g. manifests/cc12m.yaml.", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a manifest field: --set stages.download.threads=64 (repeatable; the value "
+        "is read as YAML, so 0.3 is a number and [a,b] a list).",
+        show_default=False,
+    ),
+]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _fail(code: int, lines: list[str] | str) -> typer.Exit:
+    con = _console()
+    for line in [lines] if isinstance(lines, str) else lines:
+        con.print(line, markup=False)
+    return typer.Exit(code)
+
+
+def _load(manifest: Path, overrides: list[str] | None, executor: str | None = None):
+    from dgaug.pipeline.manifest import ManifestError, load_manifest
+
+    extra = list(overrides or [])
+    if executor:
+        extra.append(f"executor.kind={executor}")
+    try:
+        return load_manifest(manifest, extra)
+    except ManifestError as e:
+        raise _fail(exitcodes.INVALID, [f"error: {manifest}: {e}"]) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=_console(), show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("dgaug").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _file_log(output: str) -> logging.Handler | None:
+    from dgaug.pipeline.storage import DGAUG_DIR, Storage
+
+    storage = Storage(output)
+    if not storage.is_local:
+        return None
+    logs = Path(storage.path(f"{DGAUG_DIR}/logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(logs / time.strftime("run-%Y%m%d-%H%M%S.log"))
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setLevel(logging.INFO)
+    lg = logging.getLogger("dgaug")
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    return h
+
+
+@app.command()
+def run(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="local (in this process) or ray; overrides executor.kind.", show_default=False
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Redo committed shards that were made with another config."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    """Run the manifest's stages, or resume them: committed shards are skipped.
+
+    Validates the manifest and the source first and stops on any problem. Work is done per shard;
+    each shard is written to a temporary name and committed with a marker, so a killed run is
+    finished by running the same command again. Exits 1 if any shard failed after its retries.
+    """
+    if executor not in (None, "local", "ray"):
+        raise _fail(exitcodes.INVALID, f"error: --executor must be local or ray, not {executor!r}")
+    m = _load(manifest, set_, executor)
+    _setup_logging(verbose)
+    from dgaug.cli.errors import user_error_message
+    from dgaug.cli.progress import RichProgress, print_run_summary
+
+    handler = _file_log(m.output)
+    try:
+        from dgaug.pipeline.run import run_pipeline
+
+        with RichProgress(_console()) as listener:
+            summary = run_pipeline(m, force=force, listener=listener)
+    except KeyboardInterrupt:
+        raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        code, text = msg
+        raise _fail(code, text) from None
+    finally:
+        if handler:
+            logging.getLogger("dgaug").removeHandler(handler)
+            handler.close()
+    print_run_summary(summary)
+    raise typer.Exit(exitcodes.OK if summary.ok else exitcodes.FAILED)
+
+
+@app.command()
+def status(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    errors: Annotated[
+        int, typer.Option(help="Show up to this many failed shards with their errors.")
+    ] = 10,
+) -> None:
+    """Per stage: shards done / failed / pending, samples, and skipped samples by reason.
+
+    Reads only the markers, so it is fast and works while a run is going (on any executor).
+    Exits 0 when every shard is committed, 1 if some failed, 4 if work remains.
+    """
+    m = _load(manifest, set_)
+    from dgaug.cli.progress import print_status
+    from dgaug.pipeline.status import read_status
+
+    st = read_status(m.output)
+    print_status(st, max_errors=errors)
+    if not st.started:
+        raise typer.Exit(exitcodes.PENDING)
+    if st.any_failed:
+        raise typer.Exit(exitcodes.FAILED)
+    raise typer.Exit(exitcodes.OK if st.complete else exitcodes.PENDING)
+
+
+@app.command()
+def plan(manifest: ManifestArg, set_: SetOpt = None) -> None:
+    """Show what `run` would do: shards per stage, how many are committed, how many to do.
+
+    Writes nothing. Counting a large tsv url list reads it once.
+    """
+    m = _load(manifest, set_)
+    _setup_logging(False)
+    from dgaug.cli.errors import user_error_message
+    from dgaug.cli.progress import print_plan
+    from dgaug.pipeline.run import plan_stages
+    from dgaug.pipeline.storage import Storage
+
+    try:
+        plans = plan_stages(m, Storage(m.output), dry_run=True)
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        raise _fail(*msg) from None
+    print_plan(m, plans)
+
+
+@app.command()
+def validate(manifest: ManifestArg, set_: SetOpt = None) -> None:
+    """Check a manifest: every field, every problem at once with its path; and that the source
+    can be read (files exist, columns present). Exits 0 when valid, 2 otherwise."""
+    m = _load(manifest, set_)
+    from dgaug.stages.download.sources import check_source_readable
+
+    problems = check_source_readable(m)
+    if problems:
+        raise _fail(
+            exitcodes.INVALID,
+            [f"error: {manifest}: source problems:"] + [f"  {p}" for p in problems],
+        )
+    stages = [n for n, s in m.stages if getattr(s, "enabled", False)]
+    print(
+        f"{manifest}: valid. source {m.source.kind}, stages {', '.join(stages)}, output {m.output}"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Progress bars and tables for the terminal; fed by executor events and by markers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from dgaug.pipeline.executors.base import RunListener
+
+if TYPE_CHECKING:
+    from dgaug.pipeline.attempt import Outcome
+    from dgaug.pipeline.manifest import Manifest
+    from dgaug.pipeline.run import RunSummary, StagePlan
+    from dgaug.pipeline.stage import ShardTask
+    from dgaug.pipeline.status import OutputStatus
+
+
+class RichProgress(RunListener):
+    """One bar per stage: shards committed out of planned, with samples and failures so far."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("shards  {task.fields[samples]} samples  {task.fields[note]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.samples: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def stage_planned(self, stage: str, total: int, already_done: int) -> None:
+        self.samples[stage] = 0
+        self.failed[stage] = 0
+        note = f"({already_done} already committed)" if already_done else ""
+        self.tasks[stage] = self.progress.add_task(
+            stage, total=total, completed=already_done, samples=0, note=note
+        )
+        if not self.console.is_terminal:
+            self.console.print(f"{stage}: {total} shard(s), {already_done} already committed")
+
+    def task_finished(self, outcome: Outcome, final: bool) -> None:
+        tid = self.tasks.get(outcome.stage)
+        if tid is None:
+            return
+        if outcome.ok:
+            self.samples[outcome.stage] += outcome.samples
+            self.progress.update(tid, advance=1, samples=self.samples[outcome.stage])
+        elif final:
+            self.failed[outcome.stage] += 1
+            self.progress.update(tid, note=f"[{self.failed[outcome.stage]} failed]")
+        if not self.console.is_terminal and (outcome.ok or final):
+            state = "ok" if outcome.ok else ("blocked" if outcome.blocked else "FAILED")
+            self.console.print(
+                f"{outcome.stage} {outcome.shard_id:05d} {state} "
+                f"{outcome.samples} samples {outcome.duration_s:.1f}s"
+                + (f"  {outcome.error}" if outcome.error and not outcome.ok else "")
+            )
+
+    def task_started(self, task: ShardTask) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+
+def _reasons(failures: dict[str, int], top: int = 4) -> str:
+    items = sorted(failures.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} {v}" for k, v in items[:top])
+    return text + (f", +{len(items) - top} more" if len(items) > top else "")
+
+
+def print_run_summary(summary: RunSummary) -> None:
+    out = Console()
+    t = Table(title=f"dgaug run: {summary.output}  ({summary.seconds:.1f}s)")
+    for col in (
+        "stage",
+        "shards",
+        "skipped (done before)",
+        "done now",
+        "failed",
+        "samples now",
+        "skipped samples",
+    ):
+        t.add_column(col, justify="left" if col in ("stage", "skipped samples") else "right")
+    for s in summary.stages.values():
+        t.add_row(
+            s.name,
+            str(s.planned),
+            str(s.skipped),
+            str(s.done),
+            str(s.failed + s.blocked),
+            str(s.samples),
+            _reasons(s.failures),
+        )
+    out.print(t)
+    for s in summary.stages.values():
+        for shard, err in sorted(s.errors.items())[:5]:
+            out.print(f"  {s.name} shard {shard:05d} failed: {err.splitlines()[0]}", markup=False)
+    if summary.ok:
+        for s in summary.stages.values():
+            out.print(
+                f"{s.name}: shards in {summary.output.rstrip('/')}/{s.output_dir}/", markup=False
+            )
+    else:
+        out.print(
+            "some shards failed: `dgaug status MANIFEST` shows why; run the same command "
+            "again to retry them."
+        )
+
+
+def print_status(st: OutputStatus, max_errors: int = 10) -> None:
+    out = Console()
+    if not st.started:
+        out.print(f"{st.output}: no run yet.", markup=False)
+        return
+    t = Table(title=f"dgaug status: {st.output}")
+    for col in ("stage", "done", "failed", "pending", "samples", "skipped samples by reason"):
+        t.add_column(
+            col, justify="left" if col in ("stage", "skipped samples by reason") else "right"
+        )
+    for s in st.stages.values():
+        t.add_row(
+            s.name,
+            f"{s.done}/{s.planned}",
+            str(s.failed),
+            str(s.pending),
+            str(s.samples),
+            _reasons(dict(s.failures), top=6),
+        )
+    out.print(t)
+    if st.lock:
+        out.print(
+            f"running: pid {st.lock.get('pid')} on {st.lock.get('host')} since "
+            f"{st.lock.get('started_at')}",
+            markup=False,
+        )
+    shown = 0
+    for s in st.stages.values():
+        if s.stale:
+            out.print(
+                f"{s.name}: {s.stale} shard(s) made with another config (rerun with --force)",
+                markup=False,
+            )
+        for shard, rec in sorted(s.errors.items()):
+            if shown >= max_errors:
+                break
+            out.print(
+                f"  {s.name} {shard:05d}: {rec.get('error')} (attempts {rec.get('attempts')}, "
+                f"{rec.get('failed_at')})",
+                markup=False,
+            )
+            shown += 1
+
+
+def print_plan(m: Manifest, plans: dict[str, StagePlan]) -> None:
+    out = Console()
+    t = Table(title=f"dgaug plan: {m.output}")
+    for col in ("stage", "output", "shards", "committed", "to do", "other config", "fingerprint"):
+        t.add_column(col)
+    for name, p in plans.items():
+        t.add_row(
+            name,
+            f"{p.stage.output_dir}/",
+            str(len(p.tasks)),
+            str(len(p.committed)),
+            str(len(p.todo)),
+            str(len(p.mismatched)),
+            p.fingerprint,
+        )
+    out.print(t)
+    for name, p in plans.items():
+        if p.mismatched:
+            out.print(f"{name}: committed shards differ in:", markup=False)
+            for line in p.mismatched[min(p.mismatched)][:10]:
+                out.print(f"    {line}", markup=False)

@@ -1,0 +1,125 @@
+"""One attempt at one shard: process into scratch, commit the files, then the marker (the commit)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dgaug import __version__
+from dgaug.pipeline.ledger import Ledger, fingerprint
+from dgaug.pipeline.stage import ShardTask, Stage, StageContext
+
+
+@dataclass
+class Outcome:
+    """What an executor learns of one attempt; small, so it can travel back from a Ray worker."""
+
+    stage: str
+    shard_id: int
+    ok: bool
+    samples: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 1
+    duration_s: float = 0.0
+    blocked: bool = False  # not tried because an upstream shard failed
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.stage, self.shard_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_attempt(
+    stage: Stage, task: ShardTask, ctx: StageContext, fp_record: dict[str, Any]
+) -> Outcome:
+    """Process `task` once. Never raises for a failure of the shard: it is recorded and returned."""
+    ledger = Ledger(ctx.storage)
+    stage_dir = stage.output_dir
+    shard = task.shard_id
+    prior = ledger.read_failure(stage_dir, shard)
+    attempts = int(prior.get("attempts", 0)) + 1 if prior else 1
+    # An old marker must never vouch for new bytes: drop it before anything is overwritten.
+    ledger.clear_marker(stage_dir, shard)
+    scratch = ctx.storage.scratch_dir(f"{stage.name}-{shard:05d}")
+    started = time.time()
+    try:
+        result = stage.process(task.in_dir(scratch), ctx)
+        missing = [o for o in task.outputs if not os.path.isfile(os.path.join(scratch, o))]
+        if missing:
+            raise RuntimeError(f"stage {stage.name} did not write {missing} for shard {shard}")
+        outputs = {}
+        for name in task.outputs:
+            local = os.path.join(scratch, name)
+            outputs[name] = {"bytes": os.path.getsize(local), "sha256": _sha256(local)}
+        for name in task.outputs:
+            ctx.storage.commit_file(os.path.join(scratch, name), f"{stage_dir}/{name}")
+        duration = time.time() - started
+        marker = {
+            "stage": stage.name,
+            "shard": shard,
+            "status": "done",
+            "samples": result.samples,
+            "counts": result.counts,
+            "failures": result.failures,
+            "info": result.info,
+            "outputs": outputs,
+            "fingerprint": fingerprint(fp_record),
+            "fingerprint_record": fp_record,
+            "attempts": attempts,
+            "duration_s": round(duration, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "dgaug_version": __version__,
+        }
+        ledger.write_marker(stage_dir, shard, marker)
+        ledger.clear_failure(stage_dir, shard)
+        return Outcome(
+            stage.name, shard, True, result.samples, dict(result.failures), None, attempts, duration
+        )
+    except Exception as e:  # a shard's failure is data: record it, let the executor decide
+        duration = time.time() - started
+        error = f"{type(e).__name__}: {e}"
+        stage.log.warning(
+            "shard %s/%05d failed (attempt %d): %s", stage.name, shard, attempts, error
+        )
+        try:
+            ledger.write_failure(
+                stage_dir,
+                shard,
+                {
+                    "stage": stage.name,
+                    "shard": shard,
+                    "status": "failed",
+                    "error": error,
+                    "error_type": type(e).__name__,
+                    "traceback": traceback.format_exc(),
+                    "attempts": attempts,
+                    "duration_s": round(duration, 3),
+                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                },
+            )
+        except OSError:
+            stage.log.exception("could not record the failure of %s/%05d", stage.name, shard)
+        return Outcome(stage.name, shard, False, 0, {}, error, attempts, duration)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,26 @@
+"""The stage graph a manifest declares: enabled stages in dependency order."""
+
+from __future__ import annotations
+
+from dgaug.pipeline.manifest import Manifest, ManifestError
+from dgaug.pipeline.stage import Stage
+from dgaug.stages import STAGE_CLASSES, stage_class
+
+
+def enabled_stage_names(manifest: Manifest) -> list[str]:
+    return [n for n in STAGE_CLASSES if getattr(manifest.stages, n).enabled]
+
+
+def build_stages(manifest: Manifest) -> dict[str, Stage]:
+    """Instantiate the enabled stages in graph order; every enabled stage's inputs must be enabled."""
+    names = enabled_stage_names(manifest)
+    stages = {n: stage_class(n)(manifest) for n in names}
+    problems = [
+        f"stages.{n}.enabled: needs stages.{up} enabled too"
+        for n, s in stages.items()
+        for up in s.upstream
+        if up not in stages
+    ]
+    if problems:
+        raise ManifestError(problems)
+    return stages

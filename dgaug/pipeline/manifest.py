@@ -1,0 +1,290 @@
+"""The manifest: a typed description of one batch job, loaded from YAML and validated before any work."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dgaug.stages.download.config import DownloadConfig
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used; `problems` lists every `field.path: message` found."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(
+            f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+class UrlListSource(_Strict):
+    """A url list as published for CC3M / CC12M (tsv) or LAION (parquet)."""
+
+    kind: Literal["url_list"]
+    path: str | list[str] = Field(
+        description="File, glob or list of files (local or fsspec URL); read in order."
+    )
+    input_format: Literal["tsv", "csv", "parquet", "txt"] = "tsv"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    label_col: str | None = None
+    domain_col: str | None = None
+    column_names: list[str] | None = Field(
+        None, description="tsv/csv without a header line: the names of its columns, in order."
+    )
+    save_columns: list[str] = Field(
+        default_factory=list, description="Extra columns copied into each sample's json."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if not v:
+            raise ValueError("must name at least one file")
+        return v
+
+
+class ImageFolderSource(_Strict):
+    """A class dataset laid out as root/<domain>/<class>/*.jpg (PACS, OfficeHome, DomainNet)."""
+
+    kind: Literal["image_folder"]
+    path: str
+    domains: list[str] | None = Field(
+        None, description="Domains (sub-folders) to take; null takes all. Single-source DG: one."
+    )
+    caption_template: str = "a {domain} of a {label}"
+    extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            v.format(domain="d", label="l")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"may use only {{domain}} and {{label}} ({e})") from None
+        return v
+
+
+class ShardsSource(_Strict):
+    """Existing webdataset shards (jpg/png/webp + txt per sample), re-keyed into dgaug's layout."""
+
+    kind: Literal["shards"]
+    path: str = Field(
+        description="Glob or brace pattern of .tar files, e.g. /data/{00000..00099}.tar"
+    )
+
+
+class SyntheticSource(_Strict):
+    """Procedural images of classes in visual styles (domains): the offline demo's data."""
+
+    kind: Literal["synthetic"]
+    num_images: int = Field(256, ge=1, le=1_000_000)
+    image_size: int = Field(64, ge=16, le=1024)
+    classes: list[str] | None = Field(None, description="null: the generator's default classes.")
+    styles: list[str] | None = Field(None, description="null: photo, sketch, cartoon, painting.")
+
+
+Source = Annotated[
+    UrlListSource | ImageFolderSource | ShardsSource | SyntheticSource,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------- executor
+
+
+class StageResources(_Strict):
+    """What one worker of a stage needs, and how many workers the Ray executor starts."""
+
+    workers: int = Field(1, ge=1, le=4096)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources, e.g. {accelerator_type:H100: 1}."
+    )
+
+
+class ExecutorConfig(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto', 'ray://host:10001'); null starts one here."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Tries per shard within one run.")
+    resources: dict[str, StageResources] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+class StagesConfig(_Strict):
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+
+class Manifest(_Strict):
+    """One batch job: where data comes from, what each stage does, where shards go."""
+
+    name: str | None = None
+    output: str = Field(description="Output folder: local path or fsspec URL (s3://bucket/prefix).")
+    seed: int = Field(0, ge=0, lt=2**63)
+    shard_size: int = Field(10_000, ge=1, le=100_000, description="Samples per shard.")
+    source: Source
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _resources_name_stages(self) -> Manifest:
+        known = set(StagesConfig.model_fields)
+        unknown = sorted(set(self.executor.resources) - known)
+        if unknown:
+            raise ValueError(
+                f"executor.resources names unknown stage(s) {unknown}; known: {sorted(known)}"
+            )
+        return self
+
+    def resources_for(self, stage: str, default: StageResources) -> StageResources:
+        return self.executor.resources.get(stage, default)
+
+
+# ------------------------------------------------------------------------------------ load / save
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # Discriminated unions put the tag into the path (source.url_list.path); users wrote source.path.
+    parts = [str(p) for p in loc if p not in {"url_list", "image_folder", "shards", "synthetic"}]
+    return ".".join(parts) if parts else "(manifest)"
+
+
+def _problems(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown kind {e['input']!r}; use url_list, image_folder, shards or synthetic"
+        out.append(f"{_format_loc(tuple(e['loc']))}: {msg}")
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 0.3 is a float and [1,2] a list)."""
+    if "=" not in item:
+        raise ManifestError([f"--set {item}: expected key.path=value"])
+    key, _, raw = item.partition("=")
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ManifestError([f"--set {item}: empty field name in {key!r}"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ManifestError([f"--set {item}: value is not valid YAML ({e})"]) from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    problems = []
+    for item in overrides:
+        try:
+            path, value = parse_override(item)
+        except ManifestError as e:
+            problems.extend(e.problems)
+            continue
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(
+                    f"--set {item}: {'.'.join(path[: i + 1])} is a {type(nxt).__name__}, "
+                    "not a section"
+                )
+                break
+            node = nxt
+        else:
+            node[path[-1]] = value
+    if problems:
+        raise ManifestError(problems)
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError([f"manifest file not found: {p}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError([f"cannot read manifest {p}: {e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(
+            [f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(p)
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ManifestError([f"top level must be a mapping, got {type(data).__name__}"], str(p))
+    return data
+
+
+def validate(data: dict[str, Any], source: str | None = None) -> Manifest:
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_problems(e), source) from None
+
+
+def load_manifest(path: str | os.PathLike, overrides: list[str] | None = None) -> Manifest:
+    """Read, override and validate a manifest; raises ManifestError listing every problem."""
+    data = read_yaml(path)
+    data = apply_overrides(data, list(overrides or []))
+    # Relative local paths stay relative to the current directory, as a shell user expects.
+    return validate(data, str(path))
+
+
+def dump_manifest(m: Manifest) -> str:
+    """The resolved manifest as YAML, every default written out."""
+    return yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def expand_paths(path: str | list[str]) -> list[str]:
+    """A path, a glob or a list of them -> sorted concrete paths (local only; URLs pass through)."""
+    items = [path] if isinstance(path, str) else list(path)
+    out: list[str] = []
+    for item in items:
+        if "://" in item and not item.startswith("file://"):
+            out.append(item)
+            continue
+        local = item.removeprefix("file://")
+        matches = sorted(glob.glob(local)) if glob.has_magic(local) else [local]
+        out.extend(matches)
+    return out

@@ -1,0 +1,104 @@
+"""The stage contract: a plain object that plans shard tasks and turns one task into files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from dgaug.pipeline.manifest import Manifest, StageResources
+    from dgaug.pipeline.storage import Storage
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: small and picklable; data moves through the files it names."""
+
+    stage: str
+    shard_id: int
+    inputs: tuple[str, ...] = ()  # locations (paths or URLs) of the files this shard reads
+    deps: tuple[tuple[str, int], ...] = ()  # (stage, shard) that must be committed first
+    outputs: tuple[str, ...] = ()  # file names, relative to the stage folder, process() must write
+    tmp_dir: str = ""  # set by the executor for each attempt: process() writes outputs here
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.stage, self.shard_id)
+
+    def in_dir(self, tmp_dir: str) -> ShardTask:
+        return replace(self, tmp_dir=tmp_dir)
+
+
+@dataclass
+class ShardResult:
+    """What process() reports: `samples` written, other counts, and skipped samples by reason."""
+
+    samples: int
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a stage may read while planning or processing: the manifest and the output folder."""
+
+    manifest: Manifest
+    storage: Storage
+    upstream: dict[str, list[ShardTask]] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def seed(self) -> int:
+        return self.manifest.seed
+
+
+class Stage:
+    """Base class of every stage. Knows nothing of Ray, retries or markers: the executor does.
+
+    Subclasses set `name`, `output_dir`, `upstream`, and implement `plan` and `process`.
+    """
+
+    name: ClassVar[str]
+    output_dir: ClassVar[str]  # folder under the output root holding the shards
+    upstream: ClassVar[tuple[str, ...]] = ()
+    shard_ext: ClassVar[str] = ".tar"  # the main output; sizes.json counts these
+    uses_gpu: ClassVar[bool] = False
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.log = logging.getLogger(f"dgaug.stages.{self.name}")
+
+    # -- description
+    @property
+    def config(self) -> Any:
+        return getattr(self.manifest.stages, self.name)
+
+    def default_resources(self) -> StageResources:
+        from dgaug.pipeline.manifest import StageResources
+
+        return StageResources(workers=1, num_cpus=1, num_gpus=1 if self.uses_gpu else 0)
+
+    def resources(self) -> StageResources:
+        return self.manifest.resources_for(self.name, self.default_resources())
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The fields that decide this stage's output bytes (upstream fingerprints are added)."""
+        raise NotImplementedError
+
+    def shard_name(self, shard_id: int) -> str:
+        return f"{shard_id:05d}"
+
+    # -- work
+    def plan(self, ctx: StageContext) -> list[ShardTask]:
+        raise NotImplementedError
+
+    def setup(self, ctx: StageContext) -> None:
+        """Once per worker before its first task: load models, compile."""
+
+    def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Once per worker after its last task: free memory."""

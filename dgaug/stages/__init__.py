@@ -1,0 +1,19 @@
+"""The stages dgaug knows, in graph order; each is imported only when a run needs it."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dgaug.pipeline.stage import Stage
+
+# name -> "module:Class". Order is graph order: a stage comes after everything it reads.
+STAGE_CLASSES: dict[str, str] = {
+    "download": "dgaug.stages.download.stage:DownloadStage",
+}
+
+
+def stage_class(name: str) -> type[Stage]:
+    module, _, cls = STAGE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

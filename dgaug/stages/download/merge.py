@@ -1,0 +1,169 @@
+"""img2dataset's sub-shards merged into one dgaug shard: re-keyed, sorted, byte-for-byte reproducible."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dgaug.stages.download.urls import KEY_COL
+
+# Timing fields of img2dataset's stats would make two identical runs differ; durations live in markers.
+_STATS_TIME_FIELDS = {"start_time", "end_time", "duration"}
+
+
+def failure_reason(status: str | None, error: str | None) -> str:
+    """A short, countable reason for a sample that did not make it into the shard."""
+    e = (error or "").lower()
+    m = re.search(r"http error (\d{3})", e)
+    if m:
+        code = int(m.group(1))
+        return f"http_{code}" if code in (403, 404, 410, 429) else f"http_{code // 100}xx"
+    if "timed out" in e or "timeout" in e:
+        return "timeout"
+    if any(s in e for s in ("connection", "name or service", "urlopen error", "remote end")):
+        return "connection"
+    if any(s in e for s in ("decod", "identify image", "truncated", "cannot read")):
+        return "undecodable_image"
+    if "too small" in e or "aspect ratio" in e or "too large" in e:
+        return "filtered_size"
+    if "x-robots-tag" in e:
+        return "opted_out"
+    if status == "failed_to_resize":
+        return "resize_error"
+    return "other" if not error else re.sub(r"[^a-z0-9]+", "_", e)[:40].strip("_") or "other"
+
+
+def write_deterministic_tar(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """Samples in the order given, members of a sample adjacent, fixed owner and mtime."""
+    from webdataset import TarWriter  # imports torch: only where a tar is written
+
+    with open(path, "wb") as f:
+        writer = TarWriter(f, encoder=False, mtime=0.0, user="dgaug", group="dgaug", mode=0o444)
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+        writer.close()
+
+
+def _index_tar(path: str) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """img2dataset key -> {extension: member}; reads headers only."""
+    out: dict[str, dict[str, tarfile.TarInfo]] = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf.getmembers():
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            key, _, ext = base.partition(".")
+            out.setdefault(key, {})[ext] = m
+    return out
+
+
+def merge_shards(
+    i2d_dir: str,
+    out_tar: str,
+    out_parquet: str,
+    out_stats: str,
+    expected_keys: list[str],
+    skipped_rows: list[dict[str, Any]],
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Merge every `i2d_dir/*.tar|parquet` into one shard keyed by KEY_COL.
+
+    `skipped_rows` are inputs rejected before download (no URL, empty caption); they get a status
+    row too. Raises if any expected key is missing or duplicated: a lost sample is an error.
+    Returns (samples written, counts, failures by reason).
+    """
+    tables = [pq.read_table(p) for p in sorted(glob.glob(os.path.join(i2d_dir, "*.parquet")))]
+    tables = [t for t in tables if t.num_rows]
+    rows: list[dict[str, Any]] = []
+    for t in tables:
+        rows.extend(t.to_pylist())
+    rows.extend(skipped_rows)
+    seen = Counter(r[KEY_COL] for r in rows)
+    dup = [k for k, n in seen.items() if n > 1]
+    lost = sorted(set(expected_keys) - set(seen))
+    if dup or lost:
+        raise RuntimeError(
+            f"img2dataset's status rows do not match the shard's inputs: {len(lost)} missing "
+            f"(e.g. {lost[:3]}), {len(dup)} duplicated (e.g. {dup[:3]})"
+        )
+    for r in rows:
+        r["key"] = r.pop(KEY_COL)
+    rows.sort(key=lambda r: r["key"])
+
+    failures: Counter[str] = Counter()
+    for r in rows:
+        if r.get("status") != "success":
+            failures[failure_reason(r.get("status"), r.get("error_message"))] += 1
+
+    # The status parquet: img2dataset's schema, one row per input, in key order.
+    schema = tables[0].schema if tables else None
+    if schema is not None:
+        schema = schema.remove(schema.get_field_index(KEY_COL))
+        names = schema.names
+        table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
+    else:
+        table = pa.Table.from_pylist(rows)
+    pq.write_table(table, out_parquet, compression="zstd")
+
+    # The tar: successful samples in key order, members from the sub-shard tars.
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    tar_paths = sorted(glob.glob(os.path.join(i2d_dir, "*.tar")))
+    handles = [tarfile.open(p, "r:") for p in tar_paths]
+    try:
+        located: list[tuple[str, tarfile.TarFile, dict[str, tarfile.TarInfo]]] = []
+        for tf, path in zip(handles, tar_paths, strict=True):
+            for _, members in _index_tar(path).items():
+                if "json" not in members:
+                    continue
+                meta = json.loads(tf.extractfile(members["json"]).read())
+                located.append((meta[KEY_COL], tf, members))
+        located.sort(key=lambda x: x[0])
+        for key, tf, members in located:
+            out: dict[str, bytes] = {}
+            for ext, m in members.items():
+                data = tf.extractfile(m).read()
+                if ext == "json":
+                    meta = json.loads(data)
+                    meta["key"] = meta.pop(KEY_COL)
+                    data = json.dumps(meta, indent=4).encode()
+                out[ext] = data
+            samples.append((key, out))
+        write_deterministic_tar(out_tar, samples)
+    finally:
+        for tf in handles:
+            tf.close()
+
+    stats: dict[str, Any] = {
+        "count": 0,
+        "successes": 0,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+    }
+    status_dict: Counter[str] = Counter()
+    for p in sorted(glob.glob(os.path.join(i2d_dir, "*_stats.json"))):
+        with open(p) as f:
+            s = json.load(f)
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            stats[k] += int(s.get(k, 0))
+        status_dict.update(s.get("status_dict", {}))
+    stats["count"] += len(skipped_rows)
+    stats["skipped_before_download"] = len(skipped_rows)
+    stats["status_dict"] = dict(sorted(status_dict.items()))
+    stats["failures"] = dict(sorted(failures.items()))
+    with open(out_stats, "w") as f:
+        json.dump({k: v for k, v in stats.items() if k not in _STATS_TIME_FIELDS}, f, indent=4)
+
+    counts = {"inputs": len(rows), "skipped": sum(failures.values())}
+    if len(samples) != sum(1 for r in rows if r.get("status") == "success"):
+        raise RuntimeError(
+            f"{len(samples)} samples in the tars but "
+            f"{sum(1 for r in rows if r.get('status') == 'success')} successes in the status rows"
+        )
+    return len(samples), counts, dict(failures)

@@ -1,0 +1,143 @@
+"""Every source kind as a url list: synthetic images and image folders become `file://` lists."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dgaug.pipeline.manifest import (
+    ImageFolderSource,
+    Manifest,
+    SyntheticSource,
+    UrlListSource,
+)
+from dgaug.pipeline.storage import DGAUG_DIR, Storage
+from dgaug.stages.download.urls import SourceError
+
+SOURCE_DIR = f"{DGAUG_DIR}/source"
+
+
+def _local_dir(storage: Storage, name: str, record: dict) -> str:
+    """A local folder for generated source files: in the output if local, else a temp folder.
+
+    img2dataset reads them through `file://` URLs, so they must be on this machine.
+    """
+    fp = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    if storage.is_local:
+        return storage.path(f"{SOURCE_DIR}/{name}-{fp}")
+    return os.path.join(tempfile.gettempdir(), f"dgaug-source-{name}-{fp}")
+
+
+def _as_url_list(path: str) -> UrlListSource:
+    return UrlListSource(
+        kind="url_list",
+        path=path,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        label_col="label",
+        domain_col="domain",
+    )
+
+
+def synthetic_url_list(src: SyntheticSource, storage: Storage, seed: int) -> UrlListSource:
+    from dgaug.stages.download import synthetic
+
+    record = {"seed": seed, **src.model_dump(mode="json")}
+    out = _local_dir(storage, "synthetic", record)
+    done = os.path.join(out, "_SUCCESS")
+    urls = os.path.join(out, "urls.parquet")
+    if not os.path.exists(done):
+        kwargs = {}
+        if src.classes:
+            kwargs["classes"] = src.classes
+        if src.styles:
+            kwargs["styles"] = src.styles
+        synthetic.write_synthetic_dataset(
+            out, num_images=src.num_images, seed=seed, image_size=src.image_size, **kwargs
+        )
+        Path(done).write_text("ok\n")
+    return _as_url_list(urls)
+
+
+IMAGE_FOLDER_COLUMNS = ("url", "caption", "label", "domain")
+
+
+def list_image_folder(src: ImageFolderSource) -> pa.Table:
+    """root/<domain>/<class>/<file> -> rows sorted by path, captions from the template."""
+    root = Path(src.path)
+    if not root.is_dir():
+        raise SourceError([f"source.path: not a folder: {root}"])
+    exts = {e.lower().lstrip(".") for e in src.extensions}
+    domains = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if src.domains is not None:
+        missing = sorted(set(src.domains) - set(domains))
+        if missing:
+            raise SourceError([f"source.domains: {missing} not found under {root} (has {domains})"])
+        domains = [d for d in domains if d in set(src.domains)]
+    cols: dict[str, list[str]] = {c: [] for c in IMAGE_FOLDER_COLUMNS}
+    for domain in domains:
+        for cls_dir in sorted(p for p in (root / domain).iterdir() if p.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                if f.is_file() and f.suffix.lower().lstrip(".") in exts:
+                    label = cls_dir.name
+                    cols["url"].append(f.resolve().as_uri())
+                    cols["caption"].append(src.caption_template.format(domain=domain, label=label))
+                    cols["label"].append(label)
+                    cols["domain"].append(domain)
+    if not cols["url"]:
+        raise SourceError([f"source.path: no images ({sorted(exts)}) in {root}/<domain>/<class>/"])
+    return pa.table(cols)
+
+
+def image_folder_url_list(src: ImageFolderSource, storage: Storage) -> UrlListSource:
+    table = list_image_folder(src)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    record = {"listing": hashlib.sha256(buf.getvalue()).hexdigest()}
+    out = _local_dir(storage, "image_folder", record)
+    urls = os.path.join(out, "urls.parquet")
+    if not os.path.exists(urls):
+        os.makedirs(out, exist_ok=True)
+        tmp = f"{urls}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, urls)
+    return _as_url_list(urls)
+
+
+def resolve_url_list(manifest: Manifest, storage: Storage) -> UrlListSource:
+    """The manifest's source as a url list (generating files for synthetic and image_folder)."""
+    src = manifest.source
+    if isinstance(src, UrlListSource):
+        return src
+    if isinstance(src, SyntheticSource):
+        return synthetic_url_list(src, storage, manifest.seed)
+    if isinstance(src, ImageFolderSource):
+        return image_folder_url_list(src, storage)
+    raise TypeError(f"source kind {src.kind!r} has no url list")
+
+
+def check_source_readable(m: Manifest) -> list[str]:
+    """Problems that stop the source from being read; empty when it can be."""
+    from dgaug.stages.download.ingest import expand_shards
+    from dgaug.stages.download.urls import check_source
+
+    src = m.source
+    try:
+        if isinstance(src, UrlListSource):
+            check_source(src)
+        elif isinstance(src, ImageFolderSource):
+            list_image_folder(src)
+        elif src.kind == "shards":
+            expand_shards(src.path)
+    except SourceError as e:
+        return e.problems
+    return []

@@ -1,0 +1,176 @@
+"""The download stage: each shard's URLs fetched by img2dataset, then committed as one dgaug shard."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from dgaug.pipeline.manifest import ShardsSource, SyntheticSource
+from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
+from dgaug.stages.download import ingest
+from dgaug.stages.download.merge import merge_shards
+from dgaug.stages.download.sources import resolve_url_list
+from dgaug.stages.download.urls import KEY_COL, split_url_list
+
+# albumentations (imported by img2dataset) asks the network for updates on import: never here.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _img2dataset_child(kwargs: dict[str, Any], log_path: str) -> None:
+    """Runs in a forked child: img2dataset prints, installs signal handlers and forks a pool."""
+    with contextlib.suppress(OSError, AttributeError):
+        # Die with the worker, so a killed run leaves no orphan writing into a removed folder.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    from img2dataset import download
+
+    download(**kwargs)
+
+
+class DownloadStage(Stage):
+    name = "download"
+    output_dir = "real"
+    upstream = ()
+
+    def default_resources(self):
+        from dgaug.pipeline.manifest import StageResources
+
+        return StageResources(workers=1, num_cpus=self.config.processes, num_gpus=0)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        cfg = self.config.model_dump(mode="json", exclude=set(self.config.PERFORMANCE_FIELDS))
+        return {
+            "source": self.manifest.source.model_dump(mode="json"),
+            "seed": self.manifest.seed
+            if isinstance(self.manifest.source, SyntheticSource)
+            else None,
+            "shard_size": self.manifest.shard_size,
+            "download": cfg,
+        }
+
+    def _outputs(self, shard_id: int) -> tuple[str, ...]:
+        n = self.shard_name(shard_id)
+        return (f"{n}.tar", f"{n}.parquet", f"{n}_stats.json")
+
+    # -- plan
+    def plan(self, ctx: StageContext) -> list[ShardTask]:
+        src = self.manifest.source
+        if isinstance(src, ShardsSource):
+            paths = ingest.expand_shards(src.path)
+            return [
+                ShardTask(self.name, i, inputs=(p,), outputs=self._outputs(i))
+                for i, p in enumerate(paths)
+            ]
+        if ctx.dry_run and isinstance(src, SyntheticSource):
+            n = math.ceil(src.num_images / self.manifest.shard_size)
+            return [ShardTask(self.name, i, outputs=self._outputs(i)) for i in range(n)]
+        url_list = resolve_url_list(self.manifest, ctx.storage)
+        folder, n = split_url_list(
+            url_list, self.manifest.shard_size, ctx.storage, dry_run=ctx.dry_run
+        )
+        return [
+            ShardTask(
+                self.name,
+                i,
+                inputs=(ctx.storage.url(f"{folder}/{i:05d}.parquet"),),
+                outputs=self._outputs(i),
+            )
+            for i in range(n)
+        ]
+
+    # -- work
+    def setup(self, ctx: StageContext) -> None:
+        if not isinstance(self.manifest.source, ShardsSource):
+            import img2dataset  # noqa: F401  imported once here so each forked child starts warm
+
+    def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
+        out = os.path.join(task.tmp_dir, self.shard_name(task.shard_id))
+        if isinstance(self.manifest.source, ShardsSource):
+            return ingest.ingest_tar(
+                task.inputs[0], task.shard_id, f"{out}.tar", f"{out}.parquet", f"{out}_stats.json"
+            )
+        return self._download(task, ctx, out)
+
+    def _download(self, task: ShardTask, ctx: StageContext, out: str) -> ShardResult:
+        import fsspec
+
+        cfg = self.config
+        with fsspec.open(task.inputs[0], "rb") as f:
+            table = pq.read_table(f)
+        has_caption = "caption" in table.column_names
+        rows = table.to_pylist()
+        expected = [r[KEY_COL] for r in rows]
+        skipped, valid = [], []
+        for r in rows:
+            if not (r.get("url") or "").strip():
+                skipped.append({**r, "status": "skipped", "error_message": "missing url"})
+            elif has_caption and not (r.get("caption") or "").strip():
+                skipped.append({**r, "status": "skipped", "error_message": "empty caption"})
+            else:
+                valid.append(r)
+
+        i2d_dir = os.path.join(task.tmp_dir, "img2dataset")
+        os.makedirs(i2d_dir)
+        if valid:
+            inp = os.path.join(task.tmp_dir, "urls.parquet")
+            pq.write_table(table.from_pylist(valid, schema=table.schema), inp)
+            extra = [c for c in table.column_names if c not in ("url", "caption")]
+            per_process = math.ceil(len(valid) / cfg.processes)
+            kwargs = dict(
+                url_list=inp,
+                output_folder=i2d_dir,
+                input_format="parquet",
+                url_col="url",
+                caption_col="caption" if has_caption else None,
+                save_additional_columns=extra,
+                output_format="webdataset",
+                number_sample_per_shard=max(per_process, 1),
+                processes_count=cfg.processes,
+                thread_count=cfg.threads,
+                image_size=cfg.image_size,
+                resize_mode=cfg.resize_mode,
+                resize_only_if_bigger=cfg.resize_only_if_bigger,
+                encode_quality=cfg.encode_quality,
+                min_image_size=cfg.min_image_size,
+                max_aspect_ratio=cfg.max_aspect_ratio or float("inf"),
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                user_agent_token=cfg.user_agent_token,
+                disallowed_header_directives=cfg.disallowed_header_directives,
+                incremental_mode="incremental",  # "overwrite" deletes its own _tmp folder
+                distributor="multiprocessing",
+                enable_wandb=False,
+                compute_hash="sha256",
+                max_shard_retry=1,
+            )
+            self._run_img2dataset(kwargs, os.path.join(task.tmp_dir, "img2dataset.log"))
+        samples, counts, failures = merge_shards(
+            i2d_dir, f"{out}.tar", f"{out}.parquet", f"{out}_stats.json", expected, skipped
+        )
+        return ShardResult(samples=samples, counts=counts, failures=failures)
+
+    def _run_img2dataset(self, kwargs: dict[str, Any], log_path: str) -> None:
+        import multiprocessing
+
+        proc = multiprocessing.get_context("fork").Process(
+            target=_img2dataset_child, args=(kwargs, log_path), daemon=False
+        )
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            tail = ""
+            with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
+                tail = "".join(f.readlines()[-15:])
+            raise RuntimeError(f"img2dataset exited with code {proc.exitcode}:\n{tail}")
+        # img2dataset reports a failed sub-shard only in its log: merge_shards checks every row.

@@ -1,0 +1,214 @@
+"""Url lists read in streaming batches and cut into one small input file per shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dgaug.pipeline.manifest import UrlListSource, expand_paths
+from dgaug.pipeline.storage import DGAUG_DIR, Storage
+
+log = logging.getLogger(__name__)
+
+INPUTS_DIR = f"{DGAUG_DIR}/inputs/download"
+KEY_COL = "dgaug_key"  # carried through img2dataset as an extra column, becomes the sample key
+BATCH_ROWS = 65_536
+CSV_BLOCK_BYTES = 16 << 20
+
+
+class SourceError(Exception):
+    """The source cannot be read as the manifest describes it; `problems` lists each reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def sample_key(shard_id: int, row: int) -> str:
+    """Digits only: no dots (webdataset splits at the first dot), unique across the dataset."""
+    return f"{shard_id:05d}{row:05d}"
+
+
+def _wanted_columns(src: UrlListSource) -> dict[str, str]:
+    """Column in the file -> column name dgaug uses."""
+    cols = {src.url_col: "url"}
+    if src.caption_col:
+        cols[src.caption_col] = "caption"
+    if src.label_col:
+        cols[src.label_col] = "label"
+    if src.domain_col:
+        cols[src.domain_col] = "domain"
+    for c in src.save_columns:
+        cols.setdefault(c, c)
+    return cols
+
+
+def _open(path: str):
+    return fsspec.open(path, "rb").open()
+
+
+def _file_columns(src: UrlListSource, path: str) -> list[str]:
+    if src.input_format == "parquet":
+        with _open(path) as f:
+            return list(pq.ParquetFile(f).schema_arrow.names)
+    if src.input_format == "txt":
+        return [src.url_col]
+    if src.column_names:
+        return list(src.column_names)
+    with _open(path) as f:
+        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    return first.split("\t" if src.input_format == "tsv" else ",")
+
+
+def check_source(src: UrlListSource) -> list[str]:
+    """Every file exists and has every column the manifest names; returns the concrete paths."""
+    paths = expand_paths(src.path)
+    problems = []
+    if not paths:
+        problems.append(f"source.path: no file matches {src.path!r}")
+    for p in paths:
+        try:
+            cols = _file_columns(src, p)
+        except FileNotFoundError:
+            problems.append(f"source.path: file not found: {p}")
+            continue
+        except Exception as e:  # unreadable for any reason: say which file and why
+            problems.append(f"source.path: cannot read {p}: {type(e).__name__}: {e}")
+            continue
+        for field_name, col in [
+            ("url_col", src.url_col),
+            ("caption_col", src.caption_col),
+            ("label_col", src.label_col),
+            ("domain_col", src.domain_col),
+        ] + [("save_columns", c) for c in src.save_columns]:
+            if col and col not in cols:
+                problems.append(f"source.{field_name}: column {col!r} not in {p} (has {cols})")
+    if problems:
+        raise SourceError(problems)
+    return paths
+
+
+def _iter_file(src: UrlListSource, path: str, cols: dict[str, str]) -> Iterator[pa.Table]:
+    if src.input_format == "parquet":
+        with _open(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=list(cols)):
+                yield pa.Table.from_batches([batch])
+        return
+    if src.input_format == "txt":
+        with _open(path) as f:
+            buf: list[str] = []
+            for line in io.TextIOWrapper(f, encoding="utf-8", errors="replace"):
+                buf.append(line.strip())
+                if len(buf) >= BATCH_ROWS:
+                    yield pa.table({src.url_col: buf})
+                    buf = []
+            if buf:
+                yield pa.table({src.url_col: buf})
+        return
+    skipped = 0
+
+    def on_invalid(row: Any) -> str:
+        nonlocal skipped
+        skipped += 1
+        return "skip"
+
+    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, column_names=src.column_names or None)
+    parse = pacsv.ParseOptions(
+        delimiter="\t" if src.input_format == "tsv" else ",",
+        # Captions in CC3M/CC12M contain bare quotes; tsv there is unquoted.
+        quote_char=False if src.input_format == "tsv" else '"',
+        invalid_row_handler=on_invalid,
+    )
+    conv = pacsv.ConvertOptions(
+        include_columns=list(cols),
+        column_types={c: pa.string() for c in cols},
+        strings_can_be_null=False,
+    )
+    with _open(path) as f:
+        reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    if skipped:
+        log.warning("%s: skipped %d malformed line(s)", path, skipped)
+
+
+def iter_rows(src: UrlListSource, paths: list[str]) -> Iterator[pa.Table]:
+    """Tables of at most BATCH_ROWS rows with dgaug's column names (url, caption, label, domain...)."""
+    cols = _wanted_columns(src)
+    for path in paths:
+        for t in _iter_file(src, path, cols):
+            t = t.select(list(cols)).rename_columns(list(cols.values()))
+            yield t.cast(pa.schema([(n, pa.string()) for n in cols.values()]))
+
+
+def source_record(src: UrlListSource, paths: list[str], shard_size: int) -> dict[str, Any]:
+    fs_info = []
+    for p in paths:
+        try:
+            info = fsspec.open(p).fs.info(p.removeprefix("file://"))
+            fs_info.append({"path": p, "size": info.get("size")})
+        except (FileNotFoundError, OSError):
+            fs_info.append({"path": p, "size": None})
+    return {"source": src.model_dump(mode="json"), "files": fs_info, "shard_size": shard_size}
+
+
+def _fp(record: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_url_list(
+    src: UrlListSource, shard_size: int, storage: Storage, *, dry_run: bool = False
+) -> tuple[str, int]:
+    """Cut the url list into `{INPUTS_DIR}/<fp>/{i:05d}.parquet` of shard_size rows each.
+
+    Streams: at most one batch plus one shard is in memory. Done once: a `_SUCCESS.json` records the
+    count, and a later call with the same source returns it. Returns (folder, number of shards).
+    """
+    paths = check_source(src)
+    record = source_record(src, paths, shard_size)
+    folder = f"{INPUTS_DIR}/{_fp(record)}"
+    try:
+        done = storage.read_json(f"{folder}/_SUCCESS.json")
+        return folder, int(done["shards"])
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    shard = 0
+    rows = 0
+
+    def flush(table: pa.Table) -> None:
+        nonlocal shard
+        keys = pa.array([sample_key(shard, r) for r in range(table.num_rows)], pa.string())
+        table = table.append_column(KEY_COL, keys)
+        if not dry_run:
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            storage.write_bytes(f"{folder}/{shard:05d}.parquet", buf.getvalue())
+        shard += 1
+
+    for batch in iter_rows(src, paths):
+        rows += batch.num_rows
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        while pending_rows >= shard_size:
+            merged = pa.concat_tables(pending)
+            flush(merged.slice(0, shard_size))
+            rest = merged.slice(shard_size)
+            pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+    if pending_rows:
+        flush(pa.concat_tables(pending))
+    if not dry_run:
+        storage.write_json(f"{folder}/_SUCCESS.json", {"shards": shard, "rows": rows, **record})
+        log.info("split %d url(s) from %d file(s) into %d shard(s)", rows, len(paths), shard)
+    return folder, shard
