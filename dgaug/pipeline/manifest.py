@@ -186,7 +186,8 @@ def _problems(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown kind {e['input']!r}; use url_list, image_folder, shards or synthetic"
+            tag = e.get("ctx", {}).get("tag", e["input"])
+            msg = f"unknown kind {tag!r}; use url_list, image_folder, shards or synthetic"
         out.append(f"{_format_loc(tuple(e['loc']))}: {msg}")
     return out
 

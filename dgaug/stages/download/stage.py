@@ -24,7 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _img2dataset_child(kwargs: dict[str, Any], log_path: str) -> None:
-    """Runs in a forked child: img2dataset prints, installs signal handlers and forks a pool."""
+    """Runs in a forked child: img2dataset prints, installs signal handlers and starts a pool."""
     with contextlib.suppress(OSError, AttributeError):
         # Die with the worker, so a killed run leaves no orphan writing into a removed folder.
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -35,7 +35,44 @@ def _img2dataset_child(kwargs: dict[str, Any], log_path: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     from img2dataset import download
 
+    _skip_img2dataset_process_start_up()
     download(**kwargs)
+
+
+class _NoStatsLogger:
+    """Stands in for img2dataset's LoggerProcess: dgaug merges the per-shard stats itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def _skip_img2dataset_process_start_up() -> None:
+    """Avoid img2dataset's *spawned* processes, each of which re-imports torch (~5 s a call).
+
+    img2dataset starts a spawned stats-logger process and a spawned pool for every call, which
+    is fine once per dataset but dominates once per shard. The logger only prints aggregate
+    stats (dgaug keeps its own), and this child has one thread with every module loaded, so its
+    pool can be forked safely. If a future img2dataset renames these, it spawns as before.
+    """
+    import importlib
+    import multiprocessing
+
+    # By module path: the package re-exports a function named `main` over the module's name.
+    main = importlib.import_module("img2dataset.main")
+    distributor = importlib.import_module("img2dataset.distributor")
+    if hasattr(main, "LoggerProcess"):
+        main.LoggerProcess = _NoStatsLogger
+    if hasattr(distributor, "get_context"):
+        distributor.get_context = lambda *_: multiprocessing.get_context("fork")
 
 
 class DownloadStage(Stage):
