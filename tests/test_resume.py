@@ -116,27 +116,36 @@ def _dgaug(*args: str, cwd: Path) -> subprocess.Popen:
     )
 
 
+def _run_and_kill_after(manifest: Path, cwd: Path, markers: int) -> set[str]:
+    """Start a run, SIGKILL its whole process group once `markers` shards are committed."""
+    state = cwd / "out/real/_state"
+    before = set(f.stem for f in state.glob("0*.json")) if state.exists() else set()
+    p = _dgaug("run", str(manifest), cwd=cwd)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if len(set(f.stem for f in state.glob("0*.json")) - before) >= markers:
+            break
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return {f.stem for f in state.glob("0*.json")}
+
+
 def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump(tiny_manifest_dict("out", shard_size=6)))  # 4 shards
+    manifest.write_text(yaml.safe_dump(tiny_manifest_dict("out", shard_size=2)))  # 12 shards
     p = _dgaug("run", str(manifest), cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stdout.read().decode()
     reference = data_files(tmp_path / "out")
     shutil.move(tmp_path / "out", tmp_path / "reference")
 
-    p = _dgaug("run", str(manifest), cwd=tmp_path)
-    state = tmp_path / "out/real/_state"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(state.glob("0000[0-9].json"))) < 1:
-        time.sleep(0.05)
-    time.sleep(1.0)  # into the middle of the next shard
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    committed = {f.stem for f in state.glob("0000[0-9].json")}
-    assert 1 <= len(committed) < 4, f"kill should land mid-run, committed {committed}"
-    for f in (tmp_path / "out/real").glob("*.tar"):
-        # A visible shard is always whole: identical to the uninterrupted run's.
-        assert f.read_bytes() == reference[f.name], f"{f.name} is partial"
+    # Killed twice at different points, then finished by running the same command.
+    for markers in (1, 3):
+        committed = _run_and_kill_after(manifest, tmp_path, markers)
+        assert len(committed) < 12, f"the kill should land mid-run, committed {committed}"
+        for f in (tmp_path / "out/real").glob("*.tar"):
+            # A visible shard is always whole: identical to the uninterrupted run's.
+            assert f.read_bytes() == reference[f.name], f"{f.name} is partial"
 
     p = _dgaug("run", str(manifest), cwd=tmp_path)
     out = p.communicate(timeout=300)[0].decode()
