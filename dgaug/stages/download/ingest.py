@@ -22,7 +22,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """`/d/{00000..00009}.tar`, a glob, or a list -> the tar files, in order."""
+    """`/d/{00000..00009}.tar`, a glob, or a list -> the tar files, in order.
+
+    Every local file must exist: a brace pattern names files, it does not search for them.
+    """
     from braceexpand import braceexpand
 
     paths: list[str] = []
@@ -30,40 +33,82 @@ def expand_shards(pattern: str) -> list[str]:
         paths.extend(expand_paths(p))
     if not paths:
         raise SourceError([f"source.path: no shard matches {pattern!r}"])
+    missing = [
+        p
+        for p in paths
+        if ("://" not in p or p.startswith("file://"))
+        and not os.path.isfile(p.removeprefix("file://"))
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SourceError(
+            [
+                f"source.path: {len(missing)} of {len(paths)} shard(s) not found: "
+                f"{', '.join(missing[:3])}{more}"
+            ]
+        )
     return paths
 
 
-def _iter_samples(fileobj: Any) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
-    """Group adjacent members by key (up to the first dot, as webdataset does); stop at damage."""
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """Remembers on the TarFile why its member list ended.
+
+    tarfile ends the list silently at any bad header after the first: a zero block (the proper
+    end), but also a file cut at or inside a header. Only the first is a whole archive.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            tarfile_.dgaug_end = e  # type: ignore[attr-defined]
+            raise
+
+
+def _iter_samples(
+    fileobj: Any,
+) -> tuple[list[tuple[str, dict[str, bytes]]], str | None, str | None]:
+    """Group adjacent members by key (up to the first dot, as webdataset does); stop at damage.
+
+    At damage, the sample being read is dropped: the one the cut member belongs to, or the last
+    one when the cut fell on a header (its later members may be gone).
+    Returns (samples, damage or None, source key of the dropped sample or None).
+    """
     samples: list[tuple[str, dict[str, bytes]]] = []
     error = None
+    reading: str | None = None  # key of the member being read when the damage struck
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndRecordingTarInfo) as tf:
             for m in tf:
                 if not m.isfile():
                     continue
                 base = os.path.basename(m.name)
                 key, _, ext = base.partition(".")
+                reading = key
                 data = tf.extractfile(m).read()
+                reading = None
                 if samples and samples[-1][0] == key:
                     samples[-1][1][ext.lower()] = data
                 else:
                     samples.append((key, {ext.lower(): data}))
+            end = getattr(tf, "dgaug_end", None)
+            if end is not None and not isinstance(end, tarfile.EOFHeaderError):
+                error = f"no end-of-archive block ({type(end).__name__}: {end})"
     except (tarfile.TarError, EOFError, OSError) as e:
         error = f"{type(e).__name__}: {e}"
-        if samples:
-            samples.pop()  # the last sample may be missing members cut off by the damage
-    return samples, error
+    lost = reading
+    if error and samples and reading in (None, samples[-1][0]):
+        lost = samples.pop()[0]
+    return samples, error, lost if error else None
 
 
 def ingest_tar(
     path: str, shard_id: int, out_tar: str, out_parquet: str, out_stats: str
 ) -> ShardResult:
     with fsspec.open(path, "rb") as f:
-        samples, damage = _iter_samples(f)
+        samples, damage, lost = _iter_samples(f)
     failures: Counter[str] = Counter()
-    if damage:
-        failures["truncated_tar"] += 1
     kept: list[tuple[str, dict[str, bytes]]] = []
     rows: list[dict[str, Any]] = []
     for idx, (src_key, members) in enumerate(samples):
@@ -97,6 +142,19 @@ def ingest_tar(
             "json": json.dumps(meta, indent=4).encode(),
         }
         kept.append((key, out))
+    if damage:
+        # The sample cut by the damage (if any was being read) gets a status row like any other
+        # skipped one, so that samples + failures == inputs == status rows.
+        failures["truncated_tar"] += 1
+        rows.append(
+            {
+                "key": sample_key(shard_id, len(samples)),
+                "source_key": lost,
+                "status": "skipped",
+                "error_message": "truncated_tar",
+                "caption": None,
+            }
+        )
     write_deterministic_tar(out_tar, kept)
     schema = pa.schema(
         [(n, pa.string()) for n in ("key", "source_key", "status", "error_message", "caption")]

@@ -20,12 +20,26 @@ _STATS_TIME_FIELDS = {"start_time", "end_time", "duration"}
 
 
 def failure_reason(status: str | None, error: str | None) -> str:
-    """A short, countable reason for a sample that did not make it into the shard."""
+    """A short, countable reason for a sample that did not make it into the shard.
+
+    Reasons must not carry byte counts, paths or URLs: they are counted across millions of rows.
+    """
     e = (error or "").lower()
     m = re.search(r"http error (\d{3})", e)
     if m:
         code = int(m.group(1))
         return f"http_{code}" if code in (403, 404, 410, 429) else f"http_{code // 100}xx"
+    if "x-robots-tag" in e:
+        return "opted_out"
+    # A transfer cut short: "IncompleteRead(300 bytes read, 700 more expected)".
+    if "incompleteread" in e or "incomplete read" in e:
+        return "truncated_download"
+    # urllib: "unknown url type: 'x'", "<urlopen error unknown url type: ftp2>", "no host given".
+    if "unknown url type" in e or "no host given" in e or "control characters" in e:
+        return "bad_url"
+    # A file:// URL to nothing: "<urlopen error [Errno 2] No such file or directory: '/x.jpg'>".
+    if "no such file" in e:
+        return "file_not_found"
     if "timed out" in e or "timeout" in e:
         return "timeout"
     if any(s in e for s in ("connection", "name or service", "urlopen error", "remote end")):
@@ -34,11 +48,13 @@ def failure_reason(status: str | None, error: str | None) -> str:
         return "undecodable_image"
     if "too small" in e or "aspect ratio" in e or "too large" in e:
         return "filtered_size"
-    if "x-robots-tag" in e:
-        return "opted_out"
     if status == "failed_to_resize":
         return "resize_error"
-    return "other" if not error else re.sub(r"[^a-z0-9]+", "_", e)[:40].strip("_") or "other"
+    if not error:
+        return "other"
+    # Unknown message: a slug without numbers or quoted parts, so that it stays countable.
+    slug = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", " ", e)
+    return re.sub(r"[^a-z]+", "_", slug).strip("_")[:40].strip("_") or "other"
 
 
 def write_deterministic_tar(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
@@ -63,6 +79,34 @@ def _index_tar(path: str) -> dict[str, dict[str, tarfile.TarInfo]]:
             key, _, ext = base.partition(".")
             out.setdefault(key, {})[ext] = m
     return out
+
+
+# What img2dataset appends to the input columns of its status rows, called as the stage calls it
+# (compute_hash="sha256", extract_exif left on).
+_I2D_STATUS_FIELDS = [
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("exif", pa.string()),
+    ("sha256", pa.string()),
+]
+
+
+def _status_schema_without_download(rows: list[dict[str, Any]]) -> pa.Schema:
+    """img2dataset's status schema for a shard none of whose rows reached it.
+
+    img2dataset orders the input columns as: extra columns, caption, url.
+    """
+    own = {name for name, _ in _I2D_STATUS_FIELDS} | {KEY_COL, "url", "caption"}
+    first = rows[0] if rows else {}
+    cols = [c for c in first if c not in own]
+    cols += ["caption"] if "caption" in first else []
+    cols += ["url"]
+    return pa.schema([(c, pa.string()) for c in cols] + _I2D_STATUS_FIELDS)
 
 
 def merge_shards(
@@ -103,13 +147,15 @@ def merge_shards(
             failures[failure_reason(r.get("status"), r.get("error_message"))] += 1
 
     # The status parquet: img2dataset's schema, one row per input, in key order.
-    schema = tables[0].schema if tables else None
-    if schema is not None:
+    if tables:
+        schema = tables[0].schema
         schema = schema.remove(schema.get_field_index(KEY_COL))
-        names = schema.names
-        table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
     else:
-        table = pa.Table.from_pylist(rows)
+        # Every row was skipped before download: the same schema all the same, so that the
+        # shards' parquets read as one table (types inferred from these rows would differ).
+        schema = _status_schema_without_download(rows)
+    names = schema.names
+    table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
     pq.write_table(table, out_parquet, compression="zstd")
 
     # The tar: successful samples in key order, members from the sub-shard tars.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -64,8 +65,12 @@ def _file_columns(src: UrlListSource, path: str) -> list[str]:
     if src.column_names:
         return list(src.column_names)
     with _open(path) as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    return first.split("\t" if src.input_format == "tsv" else ",")
+        # utf-8-sig: pyarrow drops a byte-order mark, so the header check must too.
+        first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    if src.input_format == "tsv":
+        return first.split("\t")  # unquoted, as CC3M/CC12M publish it (and as _iter_file reads it)
+    # csv headers may be quoted ("url","caption"), as pyarrow reads them.
+    return next(csv.reader([first]), [])
 
 
 def check_source(src: UrlListSource) -> list[str]:
@@ -143,10 +148,13 @@ def _iter_file(src: UrlListSource, path: str, cols: dict[str, str]) -> Iterator[
 def iter_rows(src: UrlListSource, paths: list[str]) -> Iterator[pa.Table]:
     """Tables of at most BATCH_ROWS rows with dgaug's column names (url, caption, label, domain...)."""
     cols = _wanted_columns(src)
+    schema = pa.schema([(n, pa.string()) for n in cols.values()])
     for path in paths:
         for t in _iter_file(src, path, cols):
-            t = t.select(list(cols)).rename_columns(list(cols.values()))
-            yield t.cast(pa.schema([(n, pa.string()) for n in cols.values()]))
+            t = t.select(list(cols)).rename_columns(list(cols.values())).cast(schema)
+            # csv/tsv batches are cut by bytes (CSV_BLOCK_BYTES), not rows: slice them (no copy).
+            for start in range(0, t.num_rows, BATCH_ROWS):
+                yield t.slice(start, BATCH_ROWS)
 
 
 def source_record(src: UrlListSource, paths: list[str], shard_size: int) -> dict[str, Any]:
