@@ -141,3 +141,10 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     m = validate(tiny_manifest_dict(tmp_path))
     again = validate(yaml.safe_load(dump_manifest(m)))
     assert again == m
+
+
+def test_txt_url_lists_have_no_caption_column(tmp_path: Path) -> None:
+    src = {"kind": "url_list", "path": "urls.txt", "input_format": "txt"}
+    assert validate(tiny_manifest_dict(tmp_path, source=src)).source.caption_col is None
+    with pytest.raises(ManifestError, match="txt url list has one url per line"):
+        validate(tiny_manifest_dict(tmp_path, source={**src, "caption_col": "text"}))

@@ -51,8 +51,11 @@ def test_rerun_skips_committed_and_redoes_only_missing(tmp_path: Path) -> None:
     assert data_files(tmp_path / "out") == before
 
     # Tuning fields (threads, processes) are not part of the fingerprint.
-    tuned = validate(tiny_manifest_dict(tmp_path / "out", stages={"download": {
-        "image_size": 32, "threads": 2, "timeout": 5}}))
+    tuned = validate(
+        tiny_manifest_dict(
+            tmp_path / "out", stages={"download": {"image_size": 32, "threads": 2, "timeout": 5}}
+        )
+    )
     assert run_pipeline(tuned).stages["download"].skipped == 3
 
 
@@ -152,3 +155,21 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path: Path) -> None
     assert p.returncode == 0, out
     assert data_files(tmp_path / "out") == reference
     assert not list((tmp_path / "out/_dgaug/tmp").iterdir()), "temporaries cleaned"
+
+
+def test_url_list_replaced_under_the_same_name_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rows = []
+    for i in range(5):
+        p = tmp_path / f"img{i}.jpg"
+        Image.new("RGB", (40, 40), (40 * i, 90, 160)).save(p)
+        rows.append(f"{p.as_uri()}\tpicture number {i}")
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text("url\tcaption\n" + "\n".join(rows[:4]) + "\n")
+    src = {"kind": "url_list", "path": str(tsv), "input_format": "tsv"}
+    m = validate(tiny_manifest_dict(tmp_path / "out", source=src, shard_size=2))
+    assert run_pipeline(m).stages["download"].samples == 4
+    tsv.write_text("url\tcaption\n" + "\n".join(rows) + "\n")
+    with pytest.raises(FingerprintMismatch, match="config.source_files"):
+        run_pipeline(m)

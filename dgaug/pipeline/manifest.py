@@ -58,6 +58,14 @@ class UrlListSource(_Strict):
             raise ValueError("must name at least one file")
         return v
 
+    @model_validator(mode="after")
+    def _txt_has_only_urls(self) -> UrlListSource:
+        if self.input_format == "txt":
+            if "caption_col" in self.model_fields_set and self.caption_col:
+                raise ValueError("caption_col: a txt url list has one url per line, no captions")
+            self.caption_col = None
+        return self
+
 
 class ImageFolderSource(_Strict):
     """A class dataset laid out as root/<domain>/<class>/*.jpg (PACS, OfficeHome, DomainNet)."""

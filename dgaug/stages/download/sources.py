@@ -97,11 +97,20 @@ def list_image_folder(src: ImageFolderSource) -> pa.Table:
     return pa.table(cols)
 
 
-def image_folder_url_list(src: ImageFolderSource, storage: Storage) -> UrlListSource:
-    table = list_image_folder(src)
+def listing_digest(table: pa.Table) -> str:
+    """A digest of an image-folder listing: which files, with which labels and captions."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    record = {"listing": hashlib.sha256(buf.getvalue()).hexdigest()}
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def image_folder_url_list(
+    src: ImageFolderSource, storage: Storage, table: pa.Table | None = None
+) -> UrlListSource:
+    table = list_image_folder(src) if table is None else table
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    record = {"listing": listing_digest(table)}
     out = _local_dir(storage, "image_folder", record)
     urls = os.path.join(out, "urls.parquet")
     if not os.path.exists(urls):
@@ -113,7 +122,9 @@ def image_folder_url_list(src: ImageFolderSource, storage: Storage) -> UrlListSo
     return _as_url_list(urls)
 
 
-def resolve_url_list(manifest: Manifest, storage: Storage) -> UrlListSource:
+def resolve_url_list(
+    manifest: Manifest, storage: Storage, listing: pa.Table | None = None
+) -> UrlListSource:
     """The manifest's source as a url list (generating files for synthetic and image_folder)."""
     src = manifest.source
     if isinstance(src, UrlListSource):
@@ -121,7 +132,7 @@ def resolve_url_list(manifest: Manifest, storage: Storage) -> UrlListSource:
     if isinstance(src, SyntheticSource):
         return synthetic_url_list(src, storage, manifest.seed)
     if isinstance(src, ImageFolderSource):
-        return image_folder_url_list(src, storage)
+        return image_folder_url_list(src, storage, listing)
     raise TypeError(f"source kind {src.kind!r} has no url list")
 
 

@@ -12,12 +12,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dgaug.pipeline.manifest import ShardsSource, SyntheticSource
+from dgaug.pipeline.manifest import (
+    ImageFolderSource,
+    ShardsSource,
+    SyntheticSource,
+    UrlListSource,
+    expand_paths,
+)
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.download import ingest
 from dgaug.stages.download.merge import merge_shards
-from dgaug.stages.download.sources import resolve_url_list
-from dgaug.stages.download.urls import KEY_COL, split_url_list
+from dgaug.stages.download.sources import list_image_folder, listing_digest, resolve_url_list
+from dgaug.stages.download.urls import KEY_COL, file_sizes, split_url_list
 
 # albumentations (imported by img2dataset) asks the network for updates on import: never here.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -86,12 +92,13 @@ class DownloadStage(Stage):
         return StageResources(workers=1, num_cpus=self.config.processes, num_gpus=0)
 
     def fingerprint_config(self) -> dict[str, Any]:
+        """Source and download settings, and which source files (set by plan: call it first)."""
         cfg = self.config.model_dump(mode="json", exclude=set(self.config.PERFORMANCE_FIELDS))
+        synthetic = isinstance(self.manifest.source, SyntheticSource)
         return {
             "source": self.manifest.source.model_dump(mode="json"),
-            "seed": self.manifest.seed
-            if isinstance(self.manifest.source, SyntheticSource)
-            else None,
+            "source_files": self._source_files,
+            "seed": self.manifest.seed if synthetic else None,
             "shard_size": self.manifest.shard_size,
             "download": cfg,
         }
@@ -103,19 +110,29 @@ class DownloadStage(Stage):
     # -- plan
     def plan(self, ctx: StageContext) -> list[ShardTask]:
         src = self.manifest.source
+        shard_size = self.manifest.shard_size
+        # What the fingerprint knows of the source beyond its settings, so that a url list
+        # replaced under the same name is not mixed with shards made from the old one.
+        self._source_files: Any = None
         if isinstance(src, ShardsSource):
             paths = ingest.expand_shards(src.path)
+            self._source_files = file_sizes(paths)
             return [
                 ShardTask(self.name, i, inputs=(p,), outputs=self._outputs(i))
                 for i, p in enumerate(paths)
             ]
-        if ctx.dry_run and isinstance(src, SyntheticSource):
-            n = math.ceil(src.num_images / self.manifest.shard_size)
-            return [ShardTask(self.name, i, outputs=self._outputs(i)) for i in range(n)]
-        url_list = resolve_url_list(self.manifest, ctx.storage)
-        folder, n = split_url_list(
-            url_list, self.manifest.shard_size, ctx.storage, dry_run=ctx.dry_run
-        )
+        listing = None
+        if isinstance(src, UrlListSource):
+            self._source_files = file_sizes(expand_paths(src.path))
+        elif isinstance(src, ImageFolderSource):
+            listing = list_image_folder(src)
+            self._source_files = listing_digest(listing)
+            if ctx.dry_run:
+                return self._count_only(math.ceil(listing.num_rows / shard_size))
+        elif ctx.dry_run:  # synthetic: fully described by its settings and the seed
+            return self._count_only(math.ceil(src.num_images / shard_size))
+        url_list = resolve_url_list(self.manifest, ctx.storage, listing)
+        folder, n = split_url_list(url_list, shard_size, ctx.storage, dry_run=ctx.dry_run)
         return [
             ShardTask(
                 self.name,
@@ -125,6 +142,9 @@ class DownloadStage(Stage):
             )
             for i in range(n)
         ]
+
+    def _count_only(self, n: int) -> list[ShardTask]:
+        return [ShardTask(self.name, i, outputs=self._outputs(i)) for i in range(n)]
 
     # -- work
     def setup(self, ctx: StageContext) -> None:

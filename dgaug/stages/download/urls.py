@@ -157,15 +157,24 @@ def iter_rows(src: UrlListSource, paths: list[str]) -> Iterator[pa.Table]:
                 yield t.slice(start, BATCH_ROWS)
 
 
-def source_record(src: UrlListSource, paths: list[str], shard_size: int) -> dict[str, Any]:
-    fs_info = []
+def file_sizes(paths: list[str]) -> list[dict[str, Any]]:
+    """Path and size of each file: enough to notice a url list replaced under the same name."""
+    out = []
     for p in paths:
         try:
             info = fsspec.open(p).fs.info(p.removeprefix("file://"))
-            fs_info.append({"path": p, "size": info.get("size")})
+            out.append({"path": p, "size": info.get("size")})
         except (FileNotFoundError, OSError):
-            fs_info.append({"path": p, "size": None})
-    return {"source": src.model_dump(mode="json"), "files": fs_info, "shard_size": shard_size}
+            out.append({"path": p, "size": None})
+    return out
+
+
+def source_record(src: UrlListSource, paths: list[str], shard_size: int) -> dict[str, Any]:
+    return {
+        "source": src.model_dump(mode="json"),
+        "files": file_sizes(paths),
+        "shard_size": shard_size,
+    }
 
 
 def _fp(record: dict[str, Any]) -> str:
