@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_manifest_dict
+from tests.helpers import RAY_TOY_SLOTS, tiny_manifest_dict
 
 # Nothing in the tests may reach the network: libraries that phone home are told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -15,8 +15,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+
 @pytest.fixture
 def tiny_manifest(tmp_path: Path):
     from dgaug.pipeline.manifest import validate
 
     return validate(tiny_manifest_dict(tmp_path / "out"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 CPUs, a custom `toy` resource for executor tests).
+
+    Library code never shuts Ray down; it goes down with the test process.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        resources={"toy": RAY_TOY_SLOTS},
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+    )
+    return ray

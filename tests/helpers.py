@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+RAY_TOY_SLOTS = 4  # the `toy` custom resource of the session Ray (see conftest)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

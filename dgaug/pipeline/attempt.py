@@ -100,26 +100,48 @@ def run_attempt(
         stage.log.warning(
             "shard %s/%05d failed (attempt %d): %s", stage.name, shard, attempts, error
         )
-        try:
-            ledger.write_failure(
-                stage_dir,
-                shard,
-                {
-                    "stage": stage.name,
-                    "shard": shard,
-                    "status": "failed",
-                    "error": error,
-                    "error_type": type(e).__name__,
-                    "traceback": traceback.format_exc(),
-                    "attempts": attempts,
-                    "duration_s": round(duration, 3),
-                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                },
-            )
-        except OSError:
-            stage.log.exception("could not record the failure of %s/%05d", stage.name, shard)
+        record_failure(
+            ctx, stage, shard, error, type(e).__name__, tb=traceback.format_exc(), duration=duration
+        )
         return Outcome(stage.name, shard, False, 0, {}, error, attempts, duration)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def record_failure(
+    ctx: StageContext,
+    stage: Stage,
+    shard: int,
+    error: str,
+    error_type: str,
+    *,
+    tb: str = "",
+    duration: float = 0.0,
+    host: str | None = None,
+    pid: int | None = None,
+) -> int:
+    """Write `S/_state/{i}.error.json` (attempts counted across runs); returns the attempt count."""
+    ledger = Ledger(ctx.storage)
+    prior = ledger.read_failure(stage.output_dir, shard)
+    attempts = int(prior.get("attempts", 0)) + 1 if prior else 1
+    try:
+        ledger.write_failure(
+            stage.output_dir,
+            shard,
+            {
+                "stage": stage.name,
+                "shard": shard,
+                "status": "failed",
+                "error": error,
+                "error_type": error_type,
+                "traceback": tb,
+                "attempts": attempts,
+                "duration_s": round(duration, 3),
+                "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": host or socket.gethostname(),
+                "pid": pid or os.getpid(),
+            },
+        )
+    except OSError:
+        stage.log.exception("could not record the failure of %s/%05d", stage.name, shard)
+    return attempts
