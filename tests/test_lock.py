@@ -79,8 +79,7 @@ def test_heartbeat_refreshes_the_lock(tmp_path: Path) -> None:
 
 def test_lock_on_object_storage() -> None:
     s = Storage("memory://dgaug-lock-test")
-    with RunLock(s):
-        with pytest.raises(LockHeld):
-            RunLock(s).acquire()
+    with RunLock(s), pytest.raises(LockHeld):
+        RunLock(s).acquire()
     with RunLock(s):
         pass
