@@ -75,8 +75,10 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     handler = RichHandler(console=_console(), show_path=False, show_time=False, markup=False)
+    # The terminal shows warnings (info with -v); the run's log file gets info either way.
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("dgaug").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("dgaug").setLevel(logging.INFO)
 
 
 def _file_log(output: str) -> logging.Handler | None:
