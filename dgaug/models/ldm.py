@@ -1,0 +1,532 @@
+"""Latent diffusion models (hub id, local folder or tiny-random) behind encode / denoise / decode."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from packaging.version import Version
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dgaug.models.errors import ModelError
+from dgaug.models.tokenizer import clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+# SD's noise schedule (SD-1.x/2.x scheduler_config.json, as a DDIM config).
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+# SD-1.5's unet/config.json, written out so benchmarks need no download. "attention_head_dim" 8 is
+# really the number of heads (a naming slip diffusers keeps for SD-1.x checkpoints).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+
+# SD-1.5's vae/config.json.
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "scaling_factor": 0.18215,
+}
+
+# SD-1.5's text_encoder/config.json: the text tower of OpenAI CLIP ViT-L/14.
+SD15_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+# Small enough that a 64 px image goes through encode, a guided UNet step and decode on CPU in
+# well under a second, shaped like SD (cross-attention in the UNet, a KL VAE, a CLIP text tower).
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 32,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,  # the real CLIP vocabulary, so any caption tokenizes as it would in SD
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LatentDiffusion:
+    """An LDM's parts with the few operations a sampler needs; the recipe lives in the stage."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    model_id: str
+    tiny: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        # The scheduler's own values (float32 math) widened, so our DDIM steps match diffusers'.
+        return self.scheduler.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _latent_affine(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None)
+        return float(cfg.scaling_factor), float(shift) if shift is not None else 0.0
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B,3,H,W] in [-1,1] -> scaled latents z0 [B,C,H/f,W/f], float32 on device."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B,3,H,W], got {tuple(pixels.shape)}")
+        f = self.vae_scale_factor
+        if pixels.shape[-1] % f or pixels.shape[-2] % f:
+            raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of {f}")
+        x = pixels.to(self.device, self.vae.dtype)
+        # The posterior mean, not a sample: the same image always gives the same z0.
+        mean = self.vae.encode(x).latent_dist.mean
+        scale, shift = self._latent_affine()
+        return ((mean.float() - shift) * scale).contiguous()
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> text-encoder hidden states [B, L, D] in self.dtype (L = 77 for CLIP)."""
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        # SD conditions on all 77 positions without an attention mask; so do we.
+        return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    def predict_noise(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """ε_θ(z_t, t, cond), with classifier-free guidance when uncond is given; float32.
+
+        Runs in the caller's grad mode, so a caller may backpropagate to z_t (weights are frozen).
+        """
+        z = z_t.to(self.device, self.dtype)
+        b = z.shape[0]
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        t = t.expand(b) if t.numel() == 1 else t
+        cond = _batch(cond.to(self.device, self.dtype), b)
+        if uncond is None or guidance == 1.0:
+            out = self.unet(z, t, encoder_hidden_states=cond).sample.float()
+        else:
+            uncond = _batch(uncond.to(self.device, self.dtype), b)
+            # One forward over [uncond; cond]: one launch per layer instead of two.
+            both = self.unet(
+                torch.cat([z, z]),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([uncond, cond]),
+            ).sample.float()
+            out_u, out_c = both.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            # v = √ᾱ·ε − √(1−ᾱ)·x0 (SD-2 768 px models): ε = √ᾱ·v + √(1−ᾱ)·z_t. Affine in the
+            # output, so converting after guidance equals guiding the converted ε.
+            ac = self.scheduler.alphas_cumprod.to(self.device)[t.long()].view(b, 1, 1, 1)
+            out = ac.sqrt() * out + (1 - ac).sqrt() * z_t.to(self.device).float()
+        return out
+
+    def decode(self, z: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """Scaled latents -> pixels [B,3,H,W] float32 in [-1,1]; grad=True keeps the graph."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            scale, shift = self._latent_affine()
+            x = self.vae.decode((z.to(self.device).float() / scale + shift).to(self.vae.dtype))
+            return x.sample.float().clamp(-1.0, 1.0)
+
+
+def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
+    # A single (e.g. empty-caption) embedding serves the whole batch.
+    if x.shape[0] == b:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(b, *x.shape[1:])
+    raise ValueError(f"conditioning batch {x.shape[0]} does not match latent batch {b}")
+
+
+def _scheduler(config: Any) -> DDIMScheduler:
+    # Always DDIM, whatever the checkpoint shipped (SD-1.5 ships PNDM): the ED-SAM sampler takes
+    # its own deterministic DDIM steps from alphas_cumprod and needs DDIM's timestep layout.
+    return DDIMScheduler.from_config(config)
+
+
+def tiny_random_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny SD-shaped model with seeded random weights; keys as StableDiffusionImg2ImgPipeline's."""
+    return _random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, seed)
+
+
+def sd15_shaped_random_components(seed: int = 0) -> dict[str, Any]:
+    """SD-1.5's architecture (~1.07 B parameters) with random weights, for timing on a GPU."""
+    return _random_components(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, seed)
+
+
+def _random_components(
+    unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    # Seed before each model so one model's config never changes another's weights, and leave the
+    # caller's global RNG as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**vae_cfg)
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    return {
+        "vae": vae.eval(),
+        "unet": unet.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": clip_tokenizer(),
+        "scheduler": _scheduler(SD_SCHEDULER_CONFIG),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"device {device!r} is not a device; use auto, cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"device {device!r} needs a CUDA GPU, and this machine has none; "
+            "set device: cpu (or auto) to run on the CPU"
+        )
+    return dev
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    # SD's VAE overflows float16's range in the decoder (NaN / black images; diffusers marks such
+    # VAEs with force_upcast), so it stays float32 there. bfloat16 has float32's range: kept.
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
+
+
+def _offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in flags)
+
+
+def _local_folder(spec: str) -> Path | None:
+    """The folder spec names, None for a hub id; ModelError for a path that is not there."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {spec!r} is a file; give a folder in diffusers layout")
+        missing = [f"{name}/" for name in SUBFOLDERS if not (path / name).is_dir()]
+        if missing:
+            raise ModelError(
+                f"model folder {spec!r} is not in diffusers layout: missing {', '.join(missing)}"
+            )
+        return path
+    # A hub id is exactly "owner/name"; anything else is a path that is not there.
+    if spec.startswith(("/", ".", "~")) or spec.count("/") != 1 or "\\" in spec:
+        raise ModelError(
+            f"model folder {spec!r} does not exist (nor is it a hub id like owner/name); "
+            "check the path in the manifest"
+        )
+    return None
+
+
+def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[str, Any]:
+    source = str(local) if local is not None else spec
+    local_only = local is not None or _offline()
+    # Without accelerate, diffusers first initializes every weight at random (a full extra copy
+    # and seconds of CPU) and prints a multi-line notice; say it once, in one line, instead.
+    low_mem = importlib.util.find_spec("accelerate") is not None
+    if not low_mem:
+        log.warning(
+            "accelerate is not installed: loading %s will be slower and use 2x memory", spec
+        )
+    # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name.
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    component = "unet"
+    try:
+        # use_safetensors left at None: safetensors whenever the folder has them, else the
+        # libraries' .bin fallback, which both load with torch.load(weights_only=True).
+        unet = UNet2DConditionModel.from_pretrained(
+            source,
+            subfolder="unet",
+            torch_dtype=dtype,
+            local_files_only=local_only,
+            low_cpu_mem_usage=low_mem,
+        )
+        component = "vae"
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_only)
+        vae = AutoencoderKL.from_pretrained(
+            source,
+            subfolder="vae",
+            torch_dtype=_vae_dtype(dtype, bool(vae_config.get("force_upcast", True))),
+            local_files_only=local_only,
+            low_cpu_mem_usage=low_mem,
+        )
+        component = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", local_files_only=local_only, **{dtype_kw: dtype}
+        )
+        component = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(
+            source, subfolder="tokenizer", local_files_only=local_only
+        )
+        component = "scheduler"
+        scheduler = _scheduler(
+            DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+        )
+    except ModelError:
+        raise
+    except Exception as exc:  # any loader failure becomes one actionable line
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if local is not None:
+            hint = "check that the folder holds a complete diffusers checkpoint"
+        elif local_only:
+            hint = (
+                "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; "
+                "download it where there is internet or give a local folder"
+            )
+        else:
+            hint = "the Hugging Face Hub could not be reached or has no such model"
+        raise ModelError(f"cannot load {spec!r} ({component}): {hint} [{cause}]") from exc
+    return {
+        "vae": vae,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def _check_supported(
+    model_id: str, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler
+) -> None:
+    # Caught here, in one line, rather than as a shape error deep in the first UNet call.
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ModelError(
+            f"{model_id} predicts {kind!r}; only epsilon and v_prediction models are supported"
+        )
+    cfg = unet.config
+    if cfg.in_channels != vae.config.latent_channels:
+        raise ModelError(
+            f"{model_id}'s UNet takes {cfg.in_channels} channels, its VAE gives "
+            f"{vae.config.latent_channels} (an inpainting model?); use a text-to-image model"
+        )
+    if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+        raise ModelError(
+            f"{model_id}'s UNet needs extra conditioning (SDXL-style); use an SD-1.x/2.x model"
+        )
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.to(device)
+    # Cast only when needed: diffusers warns on every dtype cast through .to(), even a no-op one.
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+
+
+def from_components(
+    components: dict[str, Any],
+    *,
+    model_id: str,
+    tiny: bool,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    compile: bool = False,
+) -> LatentDiffusion:
+    """Wrap already-built parts (e.g. sd15_shaped_random_components()) as a LatentDiffusion."""
+    dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else _resolve_dtype(dtype, dev)
+    vae: AutoencoderKL = components["vae"]
+    unet: UNet2DConditionModel = components["unet"]
+    text_encoder: CLIPTextModel = components["text_encoder"]
+    scheduler = components["scheduler"]
+    if not isinstance(scheduler, DDIMScheduler):
+        scheduler = _scheduler(scheduler.config)
+    _check_supported(model_id, unet, vae, scheduler)
+    # Frozen: a caller that backpropagates to z_t must not build gradients for the weights.
+    for m in (vae, unet, text_encoder):
+        m.requires_grad_(False).eval()
+    _move(vae, dev, _vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
+    _move(unet, dev, dt)
+    _move(text_encoder, dev, dt)
+    # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA).
+    # set_default_attn_processor() would pick the unfused AttnProcessor, so set it explicitly.
+    unet.set_attn_processor(AttnProcessor2_0())
+    vae.set_attn_processor(AttnProcessor2_0())
+    if dev.type == "cuda":
+        # cuDNN's convolutions are faster in NHWC on tensor cores; inputs need not be converted.
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        # In place (module.compile), so the parts keep their classes and configs. No CUDA graphs:
+        # batch shapes vary at the end of a shard and graphs would pin memory per shape.
+        mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else None
+        unet.compile(mode=mode)
+        vae.decoder.compile(mode=mode)
+    return LatentDiffusion(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=components["tokenizer"],
+        scheduler=scheduler,
+        model_id=model_id,
+        tiny=tiny,
+        device=dev,
+        dtype=dt,
+    )
+
+
+def load_ldm(
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: bool = False,
+    allow_large_on_cpu: bool = False,
+    seed: int = 0,
+) -> LatentDiffusion:
+    """Load "tiny-random", a hub id or a local diffusers folder; ModelError in one line if not."""
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    if spec == TINY_RANDOM:
+        parts = tiny_random_components(seed)
+        return from_components(
+            parts, model_id=spec, tiny=True, device=dev, dtype=dt, compile=compile
+        )
+    local = _local_folder(spec)
+    if dev.type == "cpu" and not allow_large_on_cpu:
+        raise ModelError(
+            f"{spec} is a full-size model; on CPU it would take hours per shard. "
+            "Use a GPU, or set allow_cpu: true to run it anyway"
+        )
+    log.info("loading %s on %s as %s", spec, dev, dt)
+    parts = _from_pretrained(spec, dt, local)
+    return from_components(parts, model_id=spec, tiny=False, device=dev, dtype=dt, compile=compile)
