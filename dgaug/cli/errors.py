@@ -14,6 +14,10 @@ def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
     from dgaug.pipeline.run import FingerprintMismatch
     from dgaug.stages.download.urls import SourceError
 
+    from dgaug.models.errors import ModelError
+
+    if isinstance(e, ModelError):
+        return exitcodes.INVALID, [f"error: {e}"]
     if isinstance(e, ManifestError):
         return exitcodes.INVALID, [f"error: {e}"]
     if isinstance(e, SourceError):
