@@ -62,7 +62,8 @@ def write_deterministic_tar(path: str, samples: list[tuple[str, dict[str, bytes]
     from webdataset import TarWriter  # imports torch: only where a tar is written
 
     with open(path, "wb") as f:
-        writer = TarWriter(f, encoder=False, mtime=0.0, user="dgaug", group="dgaug", mode=0o444)
+        # An integer mtime: a float one makes tarfile add a 1 KB PAX header to every member.
+        writer = TarWriter(f, encoder=False, mtime=0, user="dgaug", group="dgaug", mode=0o444)
         for key, members in samples:
             writer.write({"__key__": key, **members})
         writer.close()
