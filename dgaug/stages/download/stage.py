@@ -29,10 +29,29 @@ from dgaug.stages.download.urls import KEY_COL, file_sizes, split_url_list
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def _img2dataset_context():
+    """The multiprocessing context that starts img2dataset's per-shard child processes.
+
+    A forkserver, not a plain fork of the worker: the worker can be a Ray actor or a Ray driver,
+    whose gRPC threads and sockets a forked child inherits half-way (a fork there has cut the
+    driver off from Ray's control store and hung the run). The server is a fresh, single-threaded
+    process with img2dataset imported once, so each child still starts warm in milliseconds, and
+    it exits when the worker does.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["img2dataset", __name__])  # no effect once the server runs
+    forkserver.ensure_running()
+    return ctx
+
+
 def _img2dataset_child(kwargs: dict[str, Any], log_path: str) -> None:
-    """Runs in a forked child: img2dataset prints, installs signal handlers and starts a pool."""
+    """Runs in a child of the forkserver: img2dataset prints, sets signal handlers, starts a pool."""
     with contextlib.suppress(OSError, AttributeError):
-        # Die with the worker, so a killed run leaves no orphan writing into a removed folder.
+        # Die with the forkserver, which dies with the worker: a killed run leaves no orphan
+        # writing into a removed folder.
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -149,7 +168,7 @@ class DownloadStage(Stage):
     # -- work
     def setup(self, ctx: StageContext) -> None:
         if not isinstance(self.manifest.source, ShardsSource):
-            import img2dataset  # noqa: F401  imported once here so each forked child starts warm
+            _img2dataset_context()  # start the forkserver now, not inside the first shard
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         out = os.path.join(task.tmp_dir, self.shard_name(task.shard_id))
@@ -218,9 +237,7 @@ class DownloadStage(Stage):
         return ShardResult(samples=samples, counts=counts, failures=failures)
 
     def _run_img2dataset(self, kwargs: dict[str, Any], log_path: str) -> None:
-        import multiprocessing
-
-        proc = multiprocessing.get_context("fork").Process(
+        proc = _img2dataset_context().Process(
             target=_img2dataset_child, args=(kwargs, log_path), daemon=False
         )
         proc.start()
