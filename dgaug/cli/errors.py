@@ -10,11 +10,10 @@ from dgaug.pipeline.manifest import ManifestError
 
 def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
     """(exit code, lines) for an error the user can fix; None for a bug (let it raise)."""
+    from dgaug.models.errors import ModelError
     from dgaug.pipeline.lock import LockHeld
     from dgaug.pipeline.run import FingerprintMismatch
     from dgaug.stages.download.urls import SourceError
-
-    from dgaug.models.errors import ModelError
 
     if isinstance(e, ModelError):
         return exitcodes.INVALID, [f"error: {e}"]
