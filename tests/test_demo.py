@@ -22,6 +22,7 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
     r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
     assert r.exit_code == 0, r.output
     assert f"{out}/real/" in r.output, "the demo says where its shards are"
+    assert f"{out}/edsam/" in r.output
 
     sizes = json.loads((out / "real/sizes.json").read_text())
     assert len(sizes) == 8 and sum(sizes.values()) == 384
@@ -34,12 +35,33 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
     assert meta["domain"] in {"photo", "sketch", "cartoon", "painting"} and meta["label"]
     assert samples[0]["txt"].decode().strip()
 
-    tars = {p.name: p.read_bytes() for p in (out / "real").glob("*.tar")}
+    # ED-SAM: 2 samples per real image, keyed <source key>_<j>, the caption kept, a record each.
+    ed_sizes = json.loads((out / "edsam/sizes.json").read_text())
+    assert ed_sizes == {name: 2 * n for name, n in sizes.items()}
+    ed = list(
+        wds.WebDataset([str(out / "edsam" / n) for n in sorted(ed_sizes)], shardshuffle=False)
+    )
+    assert [s["__key__"] for s in ed] == [f"{k}_{j}" for k in keys for j in (0, 1)]
+    captions = {s["__key__"]: s["txt"] for s in samples}
+    for s in ed:
+        rec = json.loads(s["json"])
+        assert s["txt"] == captions[rec["source_key"]]
+        assert rec["tiny_random"] is True and rec["model"] == "tiny-random"
+        assert abs(rec["alpha"]) <= rec["rho"] == 0.5 and rec["objective"] == "random"
+        assert rec["domain"] in {"photo", "sketch", "cartoon", "painting"} and rec["label"]
+        assert s["jpg"][:2] == b"\xff\xd8"
+
+    tars = {
+        f"{d}/{p.name}": p.read_bytes() for d in ("real", "edsam") for p in (out / d).glob("*.tar")
+    }
     r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
     assert r.exit_code == 0, r.output
-    assert {p.name: p.read_bytes() for p in (out / "real").glob("*.tar")} == tars
+    again = {
+        f"{d}/{p.name}": p.read_bytes() for d in ("real", "edsam") for p in (out / d).glob("*.tar")
+    }
+    assert again == tars
     r = runner.invoke(app, ["status", str(DEMO), "--set", f"output={out}"])
-    assert r.exit_code == 0 and "8/8" in r.output
+    assert r.exit_code == 0 and r.output.count("8/8") >= 2, r.output
 
 
 @pytest.mark.ray
@@ -48,7 +70,12 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) 
     runner = CliRunner()
     r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
     assert r.exit_code == 0, r.output
-    local = {p.name: p.read_bytes() for p in (out / "real").glob("*") if p.is_file()}
+    local = {
+        f"{d}/{p.name}": p.read_bytes()
+        for d in ("real", "edsam")
+        for p in (out / d).glob("*")
+        if p.is_file()
+    }
     shutil.move(out, tmp_path / "local")
 
     r = runner.invoke(
@@ -65,6 +92,11 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) 
         ],
     )
     assert r.exit_code == 0, r.output
-    on_ray = {p.name: p.read_bytes() for p in (out / "real").glob("*") if p.is_file()}
+    on_ray = {
+        f"{d}/{p.name}": p.read_bytes()
+        for d in ("real", "edsam")
+        for p in (out / d).glob("*")
+        if p.is_file()
+    }
     assert on_ray == local
-    assert len([n for n in on_ray if n.endswith(".tar")]) == 8
+    assert len([n for n in on_ray if n.endswith(".tar")]) == 16

@@ -14,6 +14,7 @@ from dgaug.pipeline.manifest import (
     UrlListSource,
 )
 from dgaug.stages.download.config import DownloadConfig
+from dgaug.stages.edsam.config import EdsamConfig
 from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text()
@@ -34,6 +35,7 @@ def test_every_manifest_field_is_documented() -> None:
         ExecutorConfig,
         StageResources,
         DownloadConfig,
+        EdsamConfig,
     ]
     missing = [
         f"{m.__name__}.{name}"

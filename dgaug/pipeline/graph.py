@@ -8,7 +8,8 @@ from dgaug.stages import STAGE_CLASSES, stage_class
 
 
 def enabled_stage_names(manifest: Manifest) -> list[str]:
-    return [n for n in STAGE_CLASSES if getattr(manifest.stages, n).enabled]
+    # A stage whose section is absent (None) is off, like one with enabled: false.
+    return [n for n in STAGE_CLASSES if getattr(getattr(manifest.stages, n), "enabled", False)]
 
 
 def build_stages(manifest: Manifest) -> dict[str, Stage]:

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dgaug.stages.download.config import DownloadConfig
+from dgaug.stages.edsam.config import EdsamConfig
 
 
 class ManifestError(Exception):
@@ -141,6 +142,7 @@ class ExecutorConfig(_Strict):
 
 class StagesConfig(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    edsam: EdsamConfig | None = Field(None, description="ED-SAM sampling; absent: not run.")
 
 
 # --------------------------------------------------------------------------------------- manifest

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 # name -> "module:Class". Order is graph order: a stage comes after everything it reads.
 STAGE_CLASSES: dict[str, str] = {
     "download": "dgaug.stages.download.stage:DownloadStage",
+    "edsam": "dgaug.stages.edsam.stage:EdsamStage",
 }
 
 

@@ -1,0 +1,215 @@
+"""The edsam stage: M transported LDM samples per real image, one edsam shard per real shard."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
+from dgaug.stages.edsam.config import TINY, EdsamConfig
+from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, prefetch, sample_json
+
+_CLIP_PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class EdsamStage(Stage):
+    name = "edsam"
+    output_dir = "edsam"
+    upstream = ("download",)
+    uses_gpu = True
+
+    def __init__(self, manifest: Any):
+        super().__init__(manifest)
+        self._ldm: Any = None
+        self._clip: Any = None
+        self._sampler: Any = None
+
+    @property
+    def config(self) -> EdsamConfig:
+        return self.manifest.stages.edsam
+
+    def default_resources(self):
+        from dgaug.pipeline.manifest import StageResources
+
+        cfg = self.config
+        on_cpu = cfg.device == "cpu" or cfg.model == TINY
+        return StageResources(workers=1, num_cpus=1 if on_cpu else 4, num_gpus=0 if on_cpu else 1)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The manifest seed (every sample's seed derives from it) and the effective config."""
+        return {"seed": self.manifest.seed, "edsam": self.config.effective()}
+
+    # -- plan
+    def plan(self, ctx: StageContext) -> list[ShardTask]:
+        from dgaug.stages import stage_class
+
+        real = stage_class("download").output_dir
+        return [
+            ShardTask(
+                self.name,
+                up.shard_id,
+                inputs=(ctx.storage.url(f"{real}/{self.shard_name(up.shard_id)}.tar"),),
+                deps=(("download", up.shard_id),),
+                outputs=(f"{self.shard_name(up.shard_id)}.tar",),
+            )
+            for up in ctx.upstream["download"]
+        ]
+
+    # -- work
+    def setup(self, ctx: StageContext) -> None:
+        """Load the LDM (and the reference CLIP for objective worst) once per worker."""
+        from dgaug.models.ldm import load_ldm
+        from dgaug.stages.edsam.sampler import EdsamSampler
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        self._ldm = load_ldm(
+            cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            compile=cfg.compile,
+            allow_large_on_cpu=cfg.allow_cpu,
+        )
+        if cfg.objective == "worst":
+            from dgaug.models.clip import load_clip
+
+            self._clip = load_clip(
+                cfg.reference_clip, device=cfg.device, precision=_CLIP_PRECISION[cfg.dtype]
+            )
+        self._sampler = EdsamSampler(self._ldm, cfg, self.manifest.seed, self._clip)
+        self.log.info(
+            "edsam models ready in %.1fs: %s on %s (%s)%s",
+            time.perf_counter() - t0,
+            self._ldm.model_id,
+            self._ldm.device,
+            self._ldm.dtype,
+            f", reference {self._clip.model_id}" if self._clip is not None else "",
+        )
+
+    def teardown(self) -> None:
+        self._sampler = self._ldm = self._clip = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
+        from dgaug.stages.download.merge import write_deterministic_tar
+
+        if self._sampler is None:
+            self.setup(ctx)
+        sampler = self._sampler
+        sampler.seconds = {}
+        failures: Counter[str] = Counter()
+        stats = {"sources": 0, "samples": 0}
+        started = time.perf_counter()
+        out = os.path.join(task.tmp_dir, task.outputs[0])
+        with (
+            self._cpu_threads(),
+            ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool,
+        ):
+            samples = self._samples(task.inputs[0], pool, failures, stats)
+            try:
+                write_deterministic_tar(out, samples)  # pulls the samples: streamed, not held
+            finally:
+                samples.close()  # on an error, stop the decoding thread now
+        seconds = time.perf_counter() - started
+        if failures:
+            self.log.warning(
+                "edsam shard %05d: skipped %d source(s): %s",
+                task.shard_id,
+                sum(failures.values()),
+                dict(sorted(failures.items())),
+            )
+        info = {
+            "device": str(self._ldm.device),
+            "dtype": str(self._ldm.dtype).removeprefix("torch."),
+            "tiny_random": sampler.tiny,
+            "seconds": {k: round(v, 3) for k, v in sorted(sampler.seconds.items())},
+            "samples_per_s": round(stats["samples"] / seconds, 3) if seconds > 0 else None,
+        }
+        return ShardResult(
+            samples=stats["samples"],
+            counts={"sources": stats["sources"], "skipped_sources": sum(failures.values())},
+            failures=dict(sorted(failures.items())),
+            info=info,
+        )
+
+    @contextlib.contextmanager
+    def _cpu_threads(self) -> Iterator[None]:
+        """On the CPU, how reductions are split among threads changes the last bits of the
+        pixels: `cpu_threads` pins the count (a Ray actor would otherwise get num_cpus)."""
+        import torch
+
+        n = self.config.cpu_threads
+        if not n or self._ldm.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _samples(
+        self, url: str, pool: ThreadPoolExecutor, failures: Counter[str], stats: dict[str, int]
+    ) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The shard's output samples in key order, as the tar writer asks for them.
+
+        Source images are decoded a chunk ahead in a thread; the JPEGs of one chunk are encoded
+        in `pool` while the model works on the next chunk.
+        """
+        import torch
+
+        cfg, sampler = self.config, self._sampler
+        width = len(str(cfg.samples_per_image - 1))  # "_9" < "_10" as strings would not hold
+        pending: deque[list[tuple[str, Future[bytes], bytes, bytes]]] = deque()
+        last = ""
+        chunks = decoded_chunks(url, cfg.image_size, cfg.source_batch)
+        for chunk in prefetch(chunks, depth=1):
+            used = [s for s in chunk if s.skip is None]
+            failures.update(s.skip for s in chunk if s.skip is not None)
+            if used:
+                gen = sampler.generate(
+                    torch.stack([s.pixels for s in used]),
+                    [s.caption.decode("utf-8", errors="replace").strip() for s in used],
+                    [s.key for s in used],
+                )
+                batch = []
+                for g in gen:
+                    src = used[g.source_index]
+                    rec = {**g.record, **src.meta}
+                    fut = pool.submit(encode_jpeg, g.image, cfg.jpeg_quality)
+                    key = f"{src.key}_{g.j:0{width}d}"
+                    batch.append((key, fut, src.caption, sample_json(rec)))
+                pending.append(batch)
+                stats["sources"] += len(used)
+            while len(pending) > 1:
+                for item in self._finish(pending.popleft(), stats):
+                    last = self._check_order(last, item[0])
+                    yield item
+        while pending:
+            for item in self._finish(pending.popleft(), stats):
+                last = self._check_order(last, item[0])
+                yield item
+
+    @staticmethod
+    def _finish(batch, stats: dict[str, int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for key, fut, txt, meta in batch:
+            stats["samples"] += 1
+            yield key, {"jpg": fut.result(), "txt": txt, "json": meta}
+
+    @staticmethod
+    def _check_order(last: str, key: str) -> str:
+        # Upstream shards are in key order, so ours are; a reader may rely on it.
+        if key <= last:
+            raise RuntimeError(f"edsam keys out of order: {key!r} after {last!r}")
+        return key
