@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RAY_TOY_SLOTS, tiny_manifest_dict
+from tests.helpers import RAY_GPU_SLOTS, RAY_TOY_SLOTS, tiny_manifest_dict
 
 # Nothing in the tests may reach the network: libraries that phone home are told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -25,7 +25,8 @@ def tiny_manifest(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (2 CPUs, a custom `toy` resource for executor tests).
+    """One local Ray for the whole session: 2 CPUs, 2 logical GPUs (Ray only counts them; no
+    test stage touches CUDA) and a custom `toy` resource for executor tests.
 
     Library code never shuts Ray down; it goes down with the test process.
     """
@@ -33,6 +34,7 @@ def ray_session():
 
     ray.init(
         num_cpus=2,
+        num_gpus=RAY_GPU_SLOTS,
         resources={"toy": RAY_TOY_SLOTS},
         include_dashboard=False,
         ignore_reinit_error=True,

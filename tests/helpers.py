@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 RAY_TOY_SLOTS = 4  # the `toy` custom resource of the session Ray (see conftest)
+RAY_GPU_SLOTS = 2  # logical GPUs of the session Ray: scheduling only, nothing runs on them
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -302,3 +302,15 @@ def test_a_full_size_model_on_cpu_is_refused_in_one_line(tmp_path: Path) -> None
     m = validate(tiny_manifest_dict(tmp_path, stages={"edsam": {"device": "cpu"}}))
     with pytest.raises(ModelError, match="allow_cpu"):
         EdsamStage(m).setup(StageContext(m, Storage(m.output)))
+
+
+def test_resources_default_to_one_worker_per_gpu_and_merge_with_the_manifest(
+    tmp_path: Path,
+) -> None:
+    full = EdsamStage(validate(tiny_manifest_dict(tmp_path, stages={"edsam": {}}))).resources()
+    assert (full.workers, full.num_gpus, full.num_cpus) == (None, 1, 4)  # null: one per GPU
+    d = tiny_manifest_dict(tmp_path, stages={"edsam": {}})
+    d["executor"] = {"kind": "ray", "resources": {"edsam": {"workers": 3}}}
+    r = EdsamStage(validate(d)).resources()
+    # The manifest's count wins; the fields it does not write keep the stage's defaults.
+    assert (r.workers, r.num_gpus, r.num_cpus) == (3, 1, 4)

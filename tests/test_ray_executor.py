@@ -21,7 +21,7 @@ from dgaug.pipeline.ledger import Ledger
 from dgaug.pipeline.manifest import Manifest, StageResources, validate
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from dgaug.pipeline.storage import Storage
-from tests.helpers import RAY_TOY_SLOTS
+from tests.helpers import RAY_GPU_SLOTS, RAY_TOY_SLOTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]  # a scheduling bug hangs: fail fast
 
@@ -136,6 +136,26 @@ class UnloadableStage(_Toy):
 
     def __setstate__(self, state):
         raise ImportError("no module named 'missing_dependency'")
+
+
+class GpuStage(_Toy):
+    """Declares one GPU per worker and no worker count; each shard waits to meet another."""
+
+    name = "gpu"
+    output_dir = "gpu"
+
+    def default_resources(self) -> StageResources:
+        return StageResources(workers=None, num_cpus=0.5, num_gpus=1)
+
+    def make(self, task, ctx):
+        # Two shards must run at once: with a single actor the first one would wait in vain.
+        others = lambda: [f for f in os.listdir(self.events) if f.startswith("gpu-")]  # noqa: E731
+        deadline = time.monotonic() + 30
+        while len(others()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if len(others()) < 2:
+            raise RuntimeError("no other worker started a shard: the pool has one actor")
+        return str(os.getpid()), {"gpu_ids": ray.get_gpu_ids()}
 
 
 class BusyStage(_Toy):
@@ -360,6 +380,20 @@ def test_idle_downstream_actor_yields_to_a_starved_upstream(ray_session, tmp_pat
     )
     assert all(o.ok for o in outcomes), outcomes
     assert sorted(Ledger(storage).committed("upper")) == [0, 1]
+
+
+def test_gpu_stage_without_a_worker_count_gets_one_actor_per_gpu(ray_session, tmp_path, events):
+    from dgaug.pipeline.executors.ray import _workers
+
+    m = _manifest(tmp_path)
+    stage = GpuStage(m, events)
+    assert _workers(stage) == RAY_GPU_SLOTS
+    outcomes, _, storage = _execute(m, [stage], _tasks("gpu", range(4)))
+    assert all(o.ok for o in outcomes.values()), outcomes
+    pids = {storage.read_text(f"gpu/{i:05d}.txt") for i in range(4)}
+    assert len(pids) == RAY_GPU_SLOTS
+    gpu_ids = [Ledger(storage).read_marker("gpu", i)["info"]["gpu_ids"] for i in range(4)]
+    assert all(len(ids) == 1 for ids in gpu_ids)  # Ray gave each actor its own GPU
 
 
 def test_interrupt_kills_the_actors(ray_session, tmp_path, events):

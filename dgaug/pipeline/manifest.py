@@ -120,7 +120,12 @@ Source = Annotated[
 class StageResources(_Strict):
     """What one worker of a stage needs, and how many workers the Ray executor starts."""
 
-    workers: int = Field(1, ge=1, le=4096)
+    workers: int | None = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Actors of the stage (Ray); null: one per GPU of the cluster (GPU stages).",
+    )
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     custom: dict[str, float] = Field(
@@ -177,7 +182,14 @@ class Manifest(_Strict):
         return self
 
     def resources_for(self, stage: str, default: StageResources) -> StageResources:
-        return self.executor.resources.get(stage, default)
+        """The stage's defaults, with the fields the manifest sets for it replaced.
+
+        Only the fields written count: `resources.edsam: {workers: 4}` keeps edsam's GPU.
+        """
+        given = self.executor.resources.get(stage)
+        if given is None:
+            return default
+        return default.model_copy(update=given.model_dump(exclude_unset=True))
 
 
 # ------------------------------------------------------------------------------------ load / save

@@ -128,6 +128,21 @@ class _Pool:
             _kill(s.actor)
 
 
+def _workers(stage: Stage) -> int:
+    """The stage's pool size: as declared, or (null) as many as the cluster has GPUs for."""
+    r = stage.resources()
+    if r.workers is not None:
+        return r.workers
+    if r.num_gpus <= 0:
+        return 1
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < r.num_gpus:
+        log.warning(
+            "stage %s needs %s GPU per worker; the cluster has %s", stage.name, r.num_gpus, gpus
+        )
+    return max(1, int(gpus // r.num_gpus))
+
+
 def _kill(actor: Any) -> None:
     try:
         ray.kill(actor, no_restart=True)
@@ -324,7 +339,7 @@ class _Run:
             stage = self.stages[name]
             if self.ctx_ref is None:
                 self.ctx_ref = ray.put(self.ctx)
-            size = max(1, min(stage.resources().workers, self.counts[name]))
+            size = max(1, min(_workers(stage), self.counts[name]))
             self.pools[name] = _Pool(stage, ray.put(stage), self.ctx_ref, size)
         return self.pools[name]
 

@@ -38,8 +38,10 @@ class EdsamStage(Stage):
         from dgaug.pipeline.manifest import StageResources
 
         cfg = self.config
-        on_cpu = cfg.device == "cpu" or cfg.model == TINY
-        return StageResources(workers=1, num_cpus=1 if on_cpu else 4, num_gpus=0 if on_cpu else 1)
+        if cfg.device == "cpu" or cfg.model == TINY:
+            return StageResources(workers=1, num_cpus=1, num_gpus=0)
+        # One actor per GPU of the cluster, each loading the model once; 4 CPUs for JPEG work.
+        return StageResources(workers=None, num_cpus=4, num_gpus=1)
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The manifest seed (every sample's seed derives from it) and the effective config."""
