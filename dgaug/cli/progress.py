@@ -119,11 +119,18 @@ def print_run_summary(summary: RunSummary) -> None:
     out.print(t)
     for s in summary.stages.values():
         for shard, err in sorted(s.errors.items())[:5]:
-            out.print(f"  {s.name} shard {shard:05d} failed: {err.splitlines()[0]}", markup=False)
+            out.print(
+                f"  {s.name} shard {shard:05d} failed: {err.splitlines()[0]}",
+                markup=False,
+                soft_wrap=True,
+            )
     if summary.ok:
         for s in summary.stages.values():
+            # soft_wrap: a path broken over two lines cannot be copied (or found by a test).
             out.print(
-                f"{s.name}: shards in {summary.output.rstrip('/')}/{s.output_dir}/", markup=False
+                f"{s.name}: shards in {summary.output.rstrip('/')}/{s.output_dir}/",
+                markup=False,
+                soft_wrap=True,
             )
     else:
         out.print(
