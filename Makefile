@@ -42,7 +42,8 @@ bench: $(STAMP)  ## run the CPU benchmarks (tables printed, JSON in bench/result
 # The lent GPU machine has Python 3.12 with torch and transformers but not these: bench/edsam_gpu.sh
 # installs them from .whl/ (git-ignored), which travels with the call (carry: [.whl]).
 GPU_WHEELS := diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+	typing-inspection==0.4.5 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
+	webdataset==0.2.86 braceexpand==0.1.7
 gpu-wheels:  ## download the wheels bench/edsam_gpu.sh needs on the GPU machine into .whl/
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -2,7 +2,7 @@
 # The whole GPU measurement of the edsam stage in one call, on a machine with torch and a CUDA GPU.
 #
 #   make gpu-wheels            # here: the packages that machine lacks, into .whl/
-#   bash bench/edsam_gpu.sh    # there (carry .whl): GPU tests, then the benchmark at 512 px
+#   bash bench/edsam_gpu.sh    # there (carry .whl): the gpu tests, then the benchmark at 512 px
 #
 # Results (JSON and the printed table) go to $OUT when set, else bench/results/.
 set -euo pipefail
@@ -16,6 +16,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
 results="${OUT:-bench/results}"
 mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/gpu.txt"
+# Correctness first: the stage on CUDA in bf16 / fp16 / fp32, reproducible, worst objective.
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_edsam_gpu.py 2>&1 | tee "$results/gpu-tests.txt"
 # 512 px, SD-1.5 shapes, bf16, M=10, 20 steps, guidance 5: the default batch (8) and two larger,
 # the per-image img2img loop on 2 images (it is the slow one), and dgaug compiled.
 python3 bench/edsam.py --device cuda --model sd15 --images 8 --baseline-images 2 \
