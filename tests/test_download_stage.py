@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -386,3 +387,38 @@ def test_same_manifest_gives_identical_bytes(run):
         # Leave the first run in place for any test that comes after.
         shutil.rmtree(run.out, ignore_errors=True)
         shutil.move(first, run.out)
+
+
+def test_runs_from_python_c_and_leaves_no_helper_process(tmp_path: Path) -> None:
+    """img2dataset's per-shard children come from dgaug's launcher process, which needs no main
+    module (multiprocessing's forkserver re-imports `__main__`, which `python -c` and notebooks
+    lack) and exits with the worker."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, tiny_manifest_dict
+
+    code = (
+        "import json, sys\n"
+        "from dgaug.pipeline.manifest import validate\n"
+        "from dgaug.pipeline.run import run_pipeline\n"
+        "from dgaug.stages.download.launcher import launcher\n"
+        "s = run_pipeline(validate(json.loads(sys.argv[1])))\n"
+        "print(launcher()._proc.pid, s.ok, s.stages['download'].samples)\n"
+    )
+    d = tiny_manifest_dict(tmp_path / "out")
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(d)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    pid, ok, samples = r.stdout.split()
+    assert (ok, samples) == ("True", "24")
+    # The launcher saw EOF (or its PDEATHSIG) when the worker exited.
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")

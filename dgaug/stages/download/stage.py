@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
-import signal
-import sys
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -21,83 +18,10 @@ from dgaug.pipeline.manifest import (
 )
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.download import ingest
+from dgaug.stages.download.launcher import launcher
 from dgaug.stages.download.merge import merge_shards
 from dgaug.stages.download.sources import list_image_folder, listing_digest, resolve_url_list
 from dgaug.stages.download.urls import KEY_COL, file_sizes, split_url_list
-
-# albumentations (imported by img2dataset) asks the network for updates on import: never here.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-
-def _img2dataset_context():
-    """The multiprocessing context that starts img2dataset's per-shard child processes.
-
-    A forkserver, not a plain fork of the worker: the worker can be a Ray actor or a Ray driver,
-    whose gRPC threads and sockets a forked child inherits half-way (a fork there has cut the
-    driver off from Ray's control store and hung the run). The server is a fresh, single-threaded
-    process with img2dataset imported once, so each child still starts warm in milliseconds, and
-    it exits when the worker does.
-    """
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["img2dataset", __name__])  # no effect once the server runs
-    forkserver.ensure_running()
-    return ctx
-
-
-def _img2dataset_child(kwargs: dict[str, Any], log_path: str) -> None:
-    """Runs in a child of the forkserver: img2dataset prints, sets signal handlers, starts a pool."""
-    with contextlib.suppress(OSError, AttributeError):
-        # Die with the forkserver, which dies with the worker: a killed run leaves no orphan
-        # writing into a removed folder.
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-    from img2dataset import download
-
-    _skip_img2dataset_process_start_up()
-    download(**kwargs)
-
-
-class _NoStatsLogger:
-    """Stands in for img2dataset's LoggerProcess: dgaug merges the per-shard stats itself."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.done_shards: set[int] = set()
-
-    def start(self) -> None:
-        pass
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
-
-    def terminate(self) -> None:
-        pass
-
-
-def _skip_img2dataset_process_start_up() -> None:
-    """Avoid img2dataset's *spawned* processes, each of which re-imports torch (~5 s a call).
-
-    img2dataset starts a spawned stats-logger process and a spawned pool for every call, which
-    is fine once per dataset but dominates once per shard. The logger only prints aggregate
-    stats (dgaug keeps its own), and this child has one thread with every module loaded, so its
-    pool can be forked safely. If a future img2dataset renames these, it spawns as before.
-    """
-    import importlib
-    import multiprocessing
-
-    # By module path: the package re-exports a function named `main` over the module's name.
-    main = importlib.import_module("img2dataset.main")
-    distributor = importlib.import_module("img2dataset.distributor")
-    if hasattr(main, "LoggerProcess"):
-        main.LoggerProcess = _NoStatsLogger
-    if hasattr(distributor, "get_context"):
-        distributor.get_context = lambda *_: multiprocessing.get_context("fork")
 
 
 class DownloadStage(Stage):
@@ -168,7 +92,7 @@ class DownloadStage(Stage):
     # -- work
     def setup(self, ctx: StageContext) -> None:
         if not isinstance(self.manifest.source, ShardsSource):
-            _img2dataset_context()  # start the forkserver now, not inside the first shard
+            launcher().start()  # imports img2dataset now, not inside the first shard
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         out = os.path.join(task.tmp_dir, self.shard_name(task.shard_id))
@@ -237,14 +161,10 @@ class DownloadStage(Stage):
         return ShardResult(samples=samples, counts=counts, failures=failures)
 
     def _run_img2dataset(self, kwargs: dict[str, Any], log_path: str) -> None:
-        proc = _img2dataset_context().Process(
-            target=_img2dataset_child, args=(kwargs, log_path), daemon=False
-        )
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
+        code = launcher().run(kwargs, log_path)
+        if code != 0:
             tail = ""
             with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
                 tail = "".join(f.readlines()[-15:])
-            raise RuntimeError(f"img2dataset exited with code {proc.exitcode}:\n{tail}")
+            raise RuntimeError(f"img2dataset exited with code {code}:\n{tail}")
         # img2dataset reports a failed sub-shard only in its log: merge_shards checks every row.
