@@ -106,13 +106,21 @@ class ClipModel:
     @torch.no_grad()
     def encode_pil(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> torch.Tensor:
         """PIL images through `preprocess` -> [N, embed_dim] unit vectors on `device`."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
-            with self._autocast():
-                features = self.model.encode_image(batch.to(self.device)).float()
-            out.append(F.normalize(features, dim=-1))
+        out = [
+            self.encode_preprocessed(
+                torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            )
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
+
+    @torch.no_grad()
+    def encode_preprocessed(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch already through `preprocess` ([B,3,S,S], e.g. made in loader threads) -> unit
+        vectors [B, embed_dim] on `device`."""
+        with self._autocast():
+            features = self.model.encode_image(batch.to(self.device)).float()
+        return F.normalize(features, dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
@@ -317,7 +325,12 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
+# The manifests spell dtypes out, as torch does; open_clip's short names are accepted too.
+_PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def _resolve_precision(precision: str, dev: torch.device) -> torch.dtype:
+    precision = _PRECISION_ALIASES.get(precision, precision)
     if precision == "auto":
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
     if precision == "fp32":
@@ -375,10 +388,19 @@ def _build_for_checkpoint(arch: str) -> tuple[torch.nn.Module, Callable]:
     return model, preprocess
 
 
+RANDOM_TAG = "random"  # ARCH:random, e.g. ViT-L-14:random: random weights for benchmarks
+
+
 def _build_pretrained(
     arch: str, tag: str, cache_dir: str | None
 ) -> tuple[torch.nn.Module, Callable]:
     _check_arch(arch)
+    if tag == RANDOM_TAG:
+        # The architecture with freshly initialised weights: timing runs need the shapes only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch)
+        return model, preprocess
     if not open_clip.is_pretrained_cfg(arch, tag):
         tags = open_clip.list_pretrained_tags_by_model(arch)
         known = f"known tags: {', '.join(tags)}" if tags else "it has no pretrained tags"

@@ -1,20 +1,18 @@
-"""ED-SAM's shard I/O: stream source samples from a tar, decode them ahead, encode JPEGs in threads."""
+"""ED-SAM's sample I/O: decode source samples into pixel batches, encode generated images as JPEG."""
 
 from __future__ import annotations
 
 import io
 import json
-import queue
-import tarfile
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from dgaug.stages.shard_io import IMAGE_EXTS, read_tar_samples
+
 COPIED_FIELDS = ("label", "domain")  # copied from the source sample's json when present
 
 
@@ -27,36 +25,6 @@ class SourceSample:
     meta: dict[str, Any] = field(default_factory=dict)
     pixels: torch.Tensor | None = None  # [3, S, S] float32 in [-1, 1]
     skip: str | None = None
-
-
-def read_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a webdataset tar, streamed (local path or fsspec URL).
-
-    The key is the member name up to its first dot, as webdataset reads it; a sample's members are
-    adjacent in dgaug's shards, and a key met again later would be a malformed shard.
-    """
-    import fsspec
-
-    seen: set[str] = set()
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            name = m.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            data = tf.extractfile(m).read()
-            if k != key:
-                if key is not None:
-                    yield key, members
-                if k in seen:
-                    raise RuntimeError(f"{url}: members of sample {k!r} are not adjacent")
-                seen.add(k)
-                key, members = k, {}
-            members[ext.lower()] = data
-        if key is not None:
-            yield key, members
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
@@ -114,50 +82,6 @@ def decoded_chunks(url: str, size: int, chunk: int) -> Iterator[list[SourceSampl
             out, usable = [], 0
     if out:
         yield out
-
-
-_END = object()
-
-
-def prefetch(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
-    """Iterate `items` in a background thread, `depth` items ahead (decoding overlaps the model).
-
-    An exception in the thread is raised here; stopping early stops the thread.
-    """
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(x: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for x in items:
-                if not put(x):
-                    return
-            put(_END)
-        except BaseException as e:  # handed to the consumer, raised there
-            put(e)
-
-    t = threading.Thread(target=work, name="edsam-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _END:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        t.join(timeout=5)
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import time
@@ -13,9 +12,8 @@ from typing import Any
 
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.edsam.config import TINY, EdsamConfig
-from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, prefetch, sample_json
-
-_CLIP_PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, sample_json
+from dgaug.stages.shard_io import prefetch
 
 
 class EdsamStage(Stage):
@@ -81,9 +79,7 @@ class EdsamStage(Stage):
         if cfg.objective == "worst":
             from dgaug.models.clip import load_clip
 
-            self._clip = load_clip(
-                cfg.reference_clip, device=cfg.device, precision=_CLIP_PRECISION[cfg.dtype]
-            )
+            self._clip = load_clip(cfg.reference_clip, device=cfg.device, precision=cfg.dtype)
         self._sampler = EdsamSampler(self._ldm, cfg, self.manifest.seed, self._clip)
         self.log.info(
             "edsam models ready in %.1fs: %s on %s (%s)%s",
@@ -103,6 +99,7 @@ class EdsamStage(Stage):
             torch.cuda.empty_cache()
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
+        from dgaug.models.runtime import cpu_threads
         from dgaug.stages.download.merge import write_deterministic_tar
 
         if self._sampler is None:
@@ -114,7 +111,7 @@ class EdsamStage(Stage):
         started = time.perf_counter()
         out = os.path.join(task.tmp_dir, task.outputs[0])
         with (
-            self._cpu_threads(),
+            cpu_threads(self.config.cpu_threads, self._ldm.device),
             ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool,
         ):
             samples = self._samples(task.inputs[0], pool, failures, stats)
@@ -143,23 +140,6 @@ class EdsamStage(Stage):
             failures=dict(sorted(failures.items())),
             info=info,
         )
-
-    @contextlib.contextmanager
-    def _cpu_threads(self) -> Iterator[None]:
-        """On the CPU, how reductions are split among threads changes the last bits of the
-        pixels: `cpu_threads` pins the count (a Ray actor would otherwise get num_cpus)."""
-        import torch
-
-        n = self.config.cpu_threads
-        if not n or self._ldm.device.type != "cpu":
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     def _samples(
         self, url: str, pool: ThreadPoolExecutor, failures: Counter[str], stats: dict[str, int]
