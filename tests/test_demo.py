@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from typer.testing import CliRunner
@@ -51,17 +52,30 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
         assert rec["domain"] in {"photo", "sketch", "cartoon", "painting"} and rec["label"]
         assert s["jpg"][:2] == b"\xff\xd8"
 
+    # Features: one row per real and ED-SAM sample, unit-norm embeddings of the tiny CLIP.
+    feats = [pq.read_table(p) for p in sorted((out / "features").glob("*.parquet"))]
+    assert len(feats) == 8 and sum(t.num_rows for t in feats) == 384 + 768
+    assert sorted(feats[0].column("origin").unique().to_pylist()) == ["edsam", "real"]
+    # LDFS: one synthetic feature per real sample and target domain, and the mapper.
+    ldfs = [pq.read_table(p) for p in sorted((out / "ldfs").glob("*.parquet"))]
+    assert len(ldfs) == 8 and sum(t.num_rows for t in ldfs) == 384 * 3
+    assert (out / "ldfs/fit/mapper.safetensors").is_file()
+
     tars = {
-        f"{d}/{p.name}": p.read_bytes() for d in ("real", "edsam") for p in (out / d).glob("*.tar")
+        f"{d}/{p.name}": p.read_bytes()
+        for d in ("real", "edsam", "features", "ldfs")
+        for p in (out / d).glob("0*")
     }
     r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
     assert r.exit_code == 0, r.output
     again = {
-        f"{d}/{p.name}": p.read_bytes() for d in ("real", "edsam") for p in (out / d).glob("*.tar")
+        f"{d}/{p.name}": p.read_bytes()
+        for d in ("real", "edsam", "features", "ldfs")
+        for p in (out / d).glob("0*")
     }
     assert again == tars
     r = runner.invoke(app, ["status", str(DEMO), "--set", f"output={out}"])
-    assert r.exit_code == 0 and r.output.count("8/8") >= 2, r.output
+    assert r.exit_code == 0 and r.output.count("8/8") >= 4, r.output
 
 
 @pytest.mark.ray
@@ -72,7 +86,7 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) 
     assert r.exit_code == 0, r.output
     local = {
         f"{d}/{p.name}": p.read_bytes()
-        for d in ("real", "edsam")
+        for d in ("real", "edsam", "features", "ldfs")
         for p in (out / d).glob("*")
         if p.is_file()
     }
@@ -94,9 +108,10 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) 
     assert r.exit_code == 0, r.output
     on_ray = {
         f"{d}/{p.name}": p.read_bytes()
-        for d in ("real", "edsam")
+        for d in ("real", "edsam", "features", "ldfs")
         for p in (out / d).glob("*")
         if p.is_file()
     }
     assert on_ray == local
     assert len([n for n in on_ray if n.endswith(".tar")]) == 16
+    assert len([n for n in on_ray if n.endswith(".parquet") and n.startswith("features/")]) == 8

@@ -15,6 +15,8 @@ from dgaug.pipeline.manifest import (
 )
 from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
+from dgaug.stages.features.config import FeaturesConfig
+from dgaug.stages.ldfs.config import LdfsConfig
 from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text()
@@ -36,6 +38,8 @@ def test_every_manifest_field_is_documented() -> None:
         StageResources,
         DownloadConfig,
         EdsamConfig,
+        FeaturesConfig,
+        LdfsConfig,
     ]
     missing = [
         f"{m.__name__}.{name}"

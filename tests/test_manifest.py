@@ -29,6 +29,7 @@ def test_shipped_manifests_validate(path: Path) -> None:
 def test_real_world_manifests_are_shipped() -> None:
     names = {p.name for p in SHIPPED}
     assert {"demo.yaml", "cc3m.yaml", "cc12m.yaml", "laion400m.yaml"} <= names
+    assert {"pacs.yaml", "officehome.yaml"} <= names  # class datasets, single-source
 
 
 def test_every_problem_reported_with_its_path(tmp_path: Path) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dgaug.pipeline.manifest import Manifest, ManifestError
 from dgaug.pipeline.stage import Stage
-from dgaug.stages import STAGE_CLASSES, stage_class
+from dgaug.stages import STAGE_CLASSES, section_of, stage_class
 
 
 def enabled_stage_names(manifest: Manifest) -> list[str]:
     # A stage whose section is absent (None) is off, like one with enabled: false.
-    return [n for n in STAGE_CLASSES if getattr(getattr(manifest.stages, n), "enabled", False)]
+    return [
+        n
+        for n in STAGE_CLASSES
+        if getattr(getattr(manifest.stages, section_of(n)), "enabled", False)
+    ]
 
 
 def build_stages(manifest: Manifest) -> dict[str, Stage]:
@@ -17,7 +21,7 @@ def build_stages(manifest: Manifest) -> dict[str, Stage]:
     names = enabled_stage_names(manifest)
     stages = {n: stage_class(n)(manifest) for n in names}
     problems = [
-        f"stages.{n}.enabled: needs stages.{up} enabled too"
+        f"stages.{section_of(n)}.enabled: needs stages.{section_of(up)} enabled too"
         for n, s in stages.items()
         for up in s.upstream
         if up not in stages

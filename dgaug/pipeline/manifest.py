@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
+from dgaug.stages.features.config import FeaturesConfig
+from dgaug.stages.ldfs.config import LdfsConfig
 
 
 class ManifestError(Exception):
@@ -148,6 +150,12 @@ class ExecutorConfig(_Strict):
 class StagesConfig(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     edsam: EdsamConfig | None = Field(None, description="ED-SAM sampling; absent: not run.")
+    features: FeaturesConfig | None = Field(
+        None, description="CLIP features of real and ED-SAM samples; absent: not run."
+    )
+    ldfs: LdfsConfig | None = Field(
+        None, description="LDFS synthetic features of unseen domains; absent: not run."
+    )
 
 
 # --------------------------------------------------------------------------------------- manifest

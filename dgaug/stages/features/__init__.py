@@ -1,0 +1,1 @@
+"""The features stage: CLIP embeddings of real and ED-SAM samples, to Parquet."""
