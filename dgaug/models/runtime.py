@@ -25,3 +25,13 @@ def cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def release_memory() -> None:
+    """After a worker drops its models: collect them now and hand cached GPU memory back, so the
+    next stage's worker on this GPU can use it."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

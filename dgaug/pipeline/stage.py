@@ -54,6 +54,16 @@ class StageContext:
         return self.manifest.seed
 
 
+def model_worker_resources(on_cpu: bool) -> StageResources:
+    """A model stage's default workers: one on the CPU, else one per GPU of the cluster (each
+    loading the model once) with 4 CPUs for its image decoding and encoding."""
+    from dgaug.pipeline.manifest import StageResources
+
+    if on_cpu:
+        return StageResources(workers=1, num_cpus=1, num_gpus=0)
+    return StageResources(workers=None, num_cpus=4, num_gpus=1)
+
+
 class Stage:
     """Base class of every stage. Knows nothing of Ray, retries or markers: the executor does.
 

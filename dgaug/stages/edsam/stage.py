@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections import Counter, deque
@@ -10,7 +9,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
+from dgaug.pipeline.stage import (
+    ShardResult,
+    ShardTask,
+    Stage,
+    StageContext,
+    model_worker_resources,
+)
 from dgaug.stages.edsam.config import TINY, EdsamConfig
 from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, sample_json
 from dgaug.stages.shard_io import prefetch
@@ -33,13 +38,7 @@ class EdsamStage(Stage):
         return self.manifest.stages.edsam
 
     def default_resources(self):
-        from dgaug.pipeline.manifest import StageResources
-
-        cfg = self.config
-        if cfg.device == "cpu" or cfg.model == TINY:
-            return StageResources(workers=1, num_cpus=1, num_gpus=0)
-        # One actor per GPU of the cluster, each loading the model once; 4 CPUs for JPEG work.
-        return StageResources(workers=None, num_cpus=4, num_gpus=1)
+        return model_worker_resources(self.config.device == "cpu" or self.config.model == TINY)
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The manifest seed (every sample's seed derives from it) and the effective config."""
@@ -91,12 +90,10 @@ class EdsamStage(Stage):
         )
 
     def teardown(self) -> None:
-        self._sampler = self._ldm = self._clip = None
-        gc.collect()
-        import torch
+        from dgaug.models.runtime import release_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._sampler = self._ldm = self._clip = None
+        release_memory()
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         from dgaug.models.runtime import cpu_threads

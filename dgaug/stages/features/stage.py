@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import os
@@ -13,9 +12,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
+from dgaug.pipeline.stage import (
+    ShardResult,
+    ShardTask,
+    Stage,
+    StageContext,
+    model_worker_resources,
+)
 from dgaug.stages.features.config import TINY, FeaturesConfig
-from dgaug.stages.shard_io import IMAGE_EXTS, prefetch, read_tar_samples
+from dgaug.stages.shard_io import IMAGE_EXTS, embedding_column, prefetch, read_tar_samples
 
 ORIGINS = ("real", "edsam")  # row order within a file: the real shard, then its ED-SAM samples
 
@@ -72,12 +77,7 @@ class FeaturesStage(Stage):
         return self.manifest.stages.features
 
     def default_resources(self):
-        from dgaug.pipeline.manifest import StageResources
-
-        cfg = self.config
-        if cfg.device == "cpu" or cfg.model == TINY:
-            return StageResources(workers=1, num_cpus=1, num_gpus=0)
-        return StageResources(workers=None, num_cpus=4, num_gpus=1)  # one per GPU
+        return model_worker_resources(self.config.device == "cpu" or self.config.model == TINY)
 
     def fingerprint_config(self) -> dict[str, Any]:
         return {"features": self.config.effective(), "origins": list(self.origins)}
@@ -116,12 +116,10 @@ class FeaturesStage(Stage):
         )
 
     def teardown(self) -> None:
-        self._clip = None
-        gc.collect()
-        import torch
+        from dgaug.models.runtime import release_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._clip = None
+        release_memory()
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         import pyarrow.parquet as pq
@@ -260,19 +258,12 @@ def _table(
     columns: dict[str, list[Any]], images: list[Any], text: Any, dtype: str, clip: Any
 ) -> Any:
     """The Parquet table: metadata columns, then fixed-size embedding lists, model in metadata."""
-    import numpy as np
     import pyarrow as pa
     import torch
 
     dim = clip.embed_dim
-    np_dtype, pa_type = (
-        (np.float16, pa.float16()) if dtype == "float16" else (np.float32, pa.float32())
-    )
+    pa_type = pa.float16() if dtype == "float16" else pa.float32()
     img = torch.cat(images) if images else torch.empty(0, dim)
-
-    def embedding(t: Any) -> pa.Array:
-        flat = pa.array(t.numpy().astype(np_dtype).reshape(-1), type=pa_type)
-        return pa.FixedSizeListArray.from_arrays(flat, dim)
 
     schema = pa.schema(
         [
@@ -295,4 +286,5 @@ def _table(
         },
     )
     arrays = [pa.array(columns[n], type=schema.field(n).type) for n in _COLUMNS]
-    return pa.Table.from_arrays([*arrays, embedding(img), embedding(text)], schema=schema)
+    embeddings = [embedding_column(t.numpy(), dtype) for t in (img, text)]
+    return pa.Table.from_arrays([*arrays, *embeddings], schema=schema)

@@ -57,8 +57,7 @@ class _LdfsBase(Stage):
         if path is None:
             return None
         try:  # read at planning time: a missing file stops the run before any work
-            load_attributes(path)
-            return hashlib.sha256(_read_bytes(path)).hexdigest()
+            return hashlib.sha256(_attributes_bytes(path)).hexdigest()
         except ValueError as e:
             raise ManifestError([str(e)]) from None
 
@@ -239,8 +238,14 @@ def _read_bytes(url: str) -> bytes:
 
 def load_attributes(url: str) -> dict[str, list[str]]:
     """{label: [attribute, ...]} from a JSON file; ValueError naming what is wrong."""
+    return json.loads(_attributes_bytes(url))
+
+
+def _attributes_bytes(url: str) -> bytes:
+    """The attributes file's bytes, once checked to be {label: [attribute, ...]}."""
     try:
-        data = json.loads(_read_bytes(url))
+        raw = _read_bytes(url)
+        data = json.loads(raw)
     except (OSError, ValueError) as e:
         raise ValueError(f"stages.ldfs.attributes: cannot read {url}: {e}") from e
     ok = isinstance(data, dict) and all(
@@ -249,7 +254,7 @@ def load_attributes(url: str) -> dict[str, list[str]]:
     )
     if not ok:
         raise ValueError(f"stages.ldfs.attributes: {url} must map each label to a list of strings")
-    return data
+    return raw
 
 
 def _mapper_dim(raw: bytes) -> int:
@@ -295,14 +300,10 @@ def ldfs_table(rows: list[dict[str, Any]], dtype: str, dim: int, metadata: dict[
     import numpy as np
     import pyarrow as pa
 
-    np_dtype, pa_type = (
-        (np.float16, pa.float16()) if dtype == "float16" else (np.float32, pa.float32())
-    )
-    emb = (
-        np.stack([r["embedding"] for r in rows]).astype(np_dtype)
-        if rows
-        else np.empty((0, dim), np_dtype)
-    )
+    from dgaug.stages.shard_io import embedding_column
+
+    pa_type = pa.float16() if dtype == "float16" else pa.float32()
+    emb = np.stack([r["embedding"] for r in rows]) if rows else np.empty((0, dim), np.float32)
     schema = pa.schema(
         [
             ("key", pa.string()),
@@ -315,7 +316,4 @@ def ldfs_table(rows: list[dict[str, Any]], dtype: str, dim: int, metadata: dict[
         metadata=metadata,
     )
     cols = [pa.array([r[n] for r in rows], type=schema.field(n).type) for n in schema.names[:-1]]
-    flat = pa.array(emb.reshape(-1), type=pa_type)
-    return pa.Table.from_arrays(
-        [*cols, pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema
-    )
+    return pa.Table.from_arrays([*cols, embedding_column(emb, dtype)], schema=schema)
