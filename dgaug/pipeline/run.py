@@ -1,4 +1,5 @@
-"""A run: lock the output, plan every stage, skip what is committed, execute the rest, write sizes.json."""
+"""A run: lock the output, plan every stage, skip what is committed, execute the rest, write
+sizes.json and the mix/ view."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dgaug.pipeline.graph import build_stages
 from dgaug.pipeline.ledger import Ledger, changed_fields, fingerprint, fingerprint_record
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.manifest import Manifest, dump_manifest
+from dgaug.pipeline.mix import write_mix
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 from dgaug.pipeline.storage import DGAUG_DIR, Storage
@@ -78,6 +80,7 @@ class RunSummary:
     seconds: float = 0.0
     cleaned_temporaries: int = 0
     took_over_lock: dict[str, Any] | None = None
+    mix: dict[str, int] | None = None  # mix/sizes.json: every committed tar shard, by link name
 
     @property
     def ok(self) -> bool:
@@ -219,7 +222,11 @@ def run_pipeline(
                     s.failed += 1
                     s.errors[outcome.shard_id] = outcome.error or "unknown error"
 
+        tar_sizes: dict[str, dict[str, int]] = {}  # stage folder -> sizes, for mix/
         for p in plans.values():
-            write_sizes(storage, p)
+            sizes = write_sizes(storage, p)
+            if p.stage.shard_ext == ".tar":
+                tar_sizes[p.stage.output_dir] = sizes
+        summary.mix = write_mix(storage, tar_sizes)
         summary.seconds = time.time() - started
         return summary
