@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## install dgaug and its dev tools into .venv with uv
 
-demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo-output
+demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo-output, then train and evaluate
 	$(BIN)/dgaug run manifests/demo.yaml
+	$(BIN)/dgaug train manifests/demo.yaml
 
 test: $(STAMP)  ## run the test suite (no network, no GPU)
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -24,6 +24,8 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert f"{out}/real/" in r.output, "the demo says where its shards are"
     assert f"{out}/edsam/" in r.output
+    mix = f"'{out}/mix/real-{{00000..00007}}.tar::{out}/mix/edsam-{{00000..00007}}.tar'"
+    assert f"--train-data {mix}" in r.output, "the demo says how open_clip reads every shard"
 
     sizes = json.loads((out / "real/sizes.json").read_text())
     assert len(sizes) == 8 and sum(sizes.values()) == 384
@@ -76,6 +78,15 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
     assert again == tars
     r = runner.invoke(app, ["status", str(DEMO), "--set", f"output={out}"])
     assert r.exit_code == 0 and r.output.count("8/8") >= 4, r.output
+
+    # `make demo` ends with the trainer: photo only in training, the other styles held out.
+    r = runner.invoke(app, ["train", str(DEMO), "--set", f"output={out}"])
+    assert r.exit_code == 0, r.output
+    assert "| photo (train) |" in r.output and "| sketch (held out) |" in r.output
+    result = json.loads((out / "train/clip/eval.json").read_text())
+    assert result["train_domains"] == ["photo"] and result["held_out_mean"]["images"] == 144
+    train = json.loads((out / "train/clip/train.json").read_text())
+    assert train["losses"][-1] < train["losses"][0]
 
 
 @pytest.mark.ray

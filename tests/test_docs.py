@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
+import shlex
+
+import yaml
+from braceexpand import braceexpand
 from pydantic import BaseModel
 
 from dgaug.pipeline.manifest import (
@@ -17,6 +23,7 @@ from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
 from dgaug.stages.ldfs.config import LdfsConfig
+from dgaug.trainer.config import EvalConfig, TrainConfig, TrainData
 from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text()
@@ -40,6 +47,9 @@ def test_every_manifest_field_is_documented() -> None:
         EdsamConfig,
         FeaturesConfig,
         LdfsConfig,
+        TrainConfig,
+        TrainData,
+        EvalConfig,
     ]
     missing = [
         f"{m.__name__}.{name}"
@@ -48,3 +58,41 @@ def test_every_manifest_field_is_documented() -> None:
         if f"`{name}`" not in README and f"{name}:" not in README
     ]
     assert not missing, f"README's manifest reference lacks {missing}"
+
+
+def _bash_blocks(text: str) -> list[str]:
+    """The bodies of the ```bash blocks, line continuations joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [b.replace("\\\n", " ") for b in blocks]
+
+
+def _demo_shards() -> int:
+    """Shards per stage in the demo: one edsam shard per real shard, and the real shards hold
+    `shard_size` images each."""
+    demo = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    return math.ceil(demo["source"]["num_images"] / demo["shard_size"])
+
+
+def test_readme_open_clip_command_trains_on_real_and_edsam_through_mix() -> None:
+    from open_clip_train.params import parse_args
+
+    commands = [
+        shlex.split(line)
+        for block in _bash_blocks(README)
+        for line in block.splitlines()
+        if "open_clip_train.main" in line and "demo-output/mix/" in line
+    ]
+    assert len(commands) == 1, "README should give one open_clip command on demo-output/mix/"
+    argv = commands[0]
+    assert argv[:3] == ["python", "-m", "open_clip_train.main"]
+    # open_clip's own parser: every flag exists and means what the README says.
+    args = parse_args(argv[3:])
+    assert args.dataset_type == "webdataset"
+    assert args.train_num_samples is None  # the count comes from mix/sizes.json
+    parts = args.train_data.split("::")
+    assert len(parts) == 2 and all(p.startswith("demo-output/mix/") for p in parts)
+    want = _demo_shards()
+    assert want == 8
+    for part, stage in zip(parts, ["real", "edsam"], strict=True):
+        names = [n.removeprefix("demo-output/mix/") for n in braceexpand(part)]
+        assert names == [f"{stage}-{i:05d}.tar" for i in range(want)]

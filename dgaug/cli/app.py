@@ -217,6 +217,101 @@ def validate(manifest: ManifestArg, set_: SetOpt = None) -> None:
     )
 
 
+PathOpt = Annotated[str | None, typer.Option(show_default=False)]
+
+
+@app.command()
+def train(
+    manifest: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Manifest whose `train:` section and outputs to use; omit to give paths.",
+            show_default=False,
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="clip: contrastive training on real + ED-SAM shards; probe: a linear probe on "
+            "features (+ LDFS); coop: learned prompt context on features (+ LDFS).",
+            show_default=False,
+        ),
+    ] = None,
+    real: Annotated[
+        str | None, typer.Option(help="Folder of real shards.", show_default=False)
+    ] = None,
+    edsam: Annotated[
+        str | None, typer.Option(help="Folder of ED-SAM shards.", show_default=False)
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="Folder of features Parquet files.", show_default=False)
+    ] = None,
+    ldfs: Annotated[
+        str | None, typer.Option(help="Folder of LDFS Parquet files.", show_default=False)
+    ] = None,
+    eval_path: Annotated[
+        str | None,
+        typer.Option(
+            "--eval", help="Evaluation image folder (<domain>/<class>/*.jpg).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Folder of checkpoints and results.", show_default=False
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    """Train on dgaug's outputs and evaluate on held-out domains; prints a results table.
+
+    With a MANIFEST, its `train:` section is used and unset paths point at the run's outputs
+    (real/, edsam/, features/, ldfs/; results in OUTPUT/train/<mode>/). `--set train.epochs=5`
+    overrides a field. Without one, give the paths: `dgaug train --mode probe --features F
+    --ldfs L --eval E -o OUT`. Checkpoints are written every `checkpoint_every` steps; running the
+    same command again resumes from the newest. Exits 2 on a bad config or data, 3 when the
+    output holds another config's checkpoints.
+    """
+    from dgaug.pipeline.manifest import ManifestError
+
+    options = {
+        "mode": mode,
+        "data.real": real,
+        "data.edsam": edsam,
+        "data.features": features,
+        "data.ldfs": ldfs,
+        "eval.path": eval_path,
+        "output": output,
+    }
+    try:
+        from dgaug.cli.train import config_from_manifest, config_from_options
+
+        if manifest is not None:
+            cfg = config_from_manifest(_load(manifest, set_), options)
+        else:
+            cfg = config_from_options(list(set_ or []), options)
+    except ManifestError as e:
+        raise _fail(exitcodes.INVALID, [f"error: {e}"]) from None
+    _setup_logging(verbose)
+    from dgaug.cli.progress import print_train_result, train_progress
+    from dgaug.models.errors import ModelError
+    from dgaug.trainer.checkpoint import CheckpointMismatch
+    from dgaug.trainer.data import DataError
+    from dgaug.trainer.run import train as run_training
+
+    try:
+        with train_progress(_console(), cfg.mode) as (on_step, on_phase):
+            result = run_training(cfg, on_step=on_step, on_phase=on_phase)
+    except KeyboardInterrupt:
+        raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
+    except (DataError, ModelError) as e:
+        raise _fail(exitcodes.INVALID, f"error: {e}") from None
+    except CheckpointMismatch as e:
+        raise _fail(exitcodes.REFUSED, f"error: {e}") from None
+    print_train_result(result)
+
+
 def main() -> None:
     try:
         app()

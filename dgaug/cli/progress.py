@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -132,6 +134,16 @@ def print_run_summary(summary: RunSummary) -> None:
                 markup=False,
                 soft_wrap=True,
             )
+        if summary.mix:
+            from dgaug.pipeline.mix import train_data_pattern
+
+            order = [s.output_dir.rstrip("/").rsplit("/", 1)[-1] for s in summary.stages.values()]
+            pattern = train_data_pattern(summary.output.rstrip("/"), list(summary.mix), order)
+            out.print(
+                f"open_clip, every shard: --train-data '{pattern}' (no --train-num-samples)",
+                markup=False,
+                soft_wrap=True,
+            )
     else:
         out.print(
             "some shards failed: `dgaug status MANIFEST` shows why; run the same command "
@@ -204,3 +216,46 @@ def print_plan(m: Manifest, plans: dict[str, StagePlan]) -> None:
             out.print(f"{name}: committed shards differ in:", markup=False)
             for line in p.mismatched[min(p.mismatched)][:10]:
                 out.print(f"    {line}", markup=False)
+
+
+@contextlib.contextmanager
+def train_progress(console: Console, mode: str) -> Iterator[tuple[Callable, Callable]]:
+    """(on_step, on_phase) for the trainer: a bar of optimizer steps with the last loss, and a
+    line per phase (indexing, training, evaluating)."""
+    progress = Progress(
+        TextColumn(f"train {mode:<6}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    bar: list[Any] = []
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if not bar:
+            bar.append(progress.add_task("", total=total, completed=step - 1, loss="-"))
+        progress.update(bar[0], completed=step, loss=f"{loss:.4f}")
+
+    def on_phase(text: str) -> None:
+        progress.console.print(f"[{mode}] {text}", markup=False, highlight=False)
+
+    with progress:
+        yield on_step, on_phase
+
+
+def print_train_result(result: Any) -> None:
+    """The evaluation table (markdown, so it pastes into a report) and where the files are."""
+    out = Console(highlight=False)
+    if result.resumed_from:
+        out.print(f"resumed from step {result.resumed_from} of {result.steps}", markup=False)
+    if result.losses:
+        first, last = result.losses[0], result.losses[-1]
+        out.print(
+            f"{result.mode}: {result.steps} steps, loss {first:.4f} -> {last:.4f}", markup=False
+        )
+    if result.table:
+        out.print(result.table, markup=False, soft_wrap=True)
+    out.print(f"results in {result.output}", markup=False, soft_wrap=True)

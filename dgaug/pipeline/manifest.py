@@ -14,6 +14,7 @@ from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
 from dgaug.stages.ldfs.config import LdfsConfig
+from dgaug.trainer.config import TrainConfig
 
 
 class ManifestError(Exception):
@@ -108,6 +109,17 @@ class SyntheticSource(_Strict):
     image_size: int = Field(64, ge=16, le=1024)
     classes: list[str] | None = Field(None, description="null: the generator's default classes.")
     styles: list[str] | None = Field(None, description="null: photo, sketch, cartoon, painting.")
+    eval_images: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Also draw this many images with another seed into OUTPUT/eval/images/"
+        "<style>/<class>/: an evaluation image folder held out from the run's data.",
+    )
+
+    def data_record(self) -> dict[str, Any]:
+        """The fields that decide the run's own images (the evaluation folder is not one)."""
+        return self.model_dump(mode="json", exclude={"eval_images"})
 
 
 Source = Annotated[
@@ -171,6 +183,9 @@ class Manifest(_Strict):
     source: Source
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    train: TrainConfig | None = Field(
+        None, description="`dgaug train MANIFEST`: the lightweight trainer; `dgaug run` ignores it."
+    )
 
     @field_validator("output")
     @classmethod
@@ -209,7 +224,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) if parts else "(manifest)"
 
 
-def _problems(err: ValidationError) -> list[str]:
+def validation_problems(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
@@ -291,7 +306,7 @@ def validate(data: dict[str, Any], source: str | None = None) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(_problems(e), source) from None
+        raise ManifestError(validation_problems(e), source) from None
 
 
 def load_manifest(path: str | os.PathLike, overrides: list[str] | None = None) -> Manifest:

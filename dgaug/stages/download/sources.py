@@ -50,21 +50,47 @@ def _as_url_list(path: str) -> UrlListSource:
 def synthetic_url_list(src: SyntheticSource, storage: Storage, seed: int) -> UrlListSource:
     from dgaug.stages.download import synthetic
 
-    record = {"seed": seed, **src.model_dump(mode="json")}
+    record = {"seed": seed, **src.data_record()}
     out = _local_dir(storage, "synthetic", record)
     done = os.path.join(out, "_SUCCESS")
     urls = os.path.join(out, "urls.parquet")
     if not os.path.exists(done):
-        kwargs = {}
-        if src.classes:
-            kwargs["classes"] = src.classes
-        if src.styles:
-            kwargs["styles"] = src.styles
         synthetic.write_synthetic_dataset(
-            out, num_images=src.num_images, seed=seed, image_size=src.image_size, **kwargs
+            out, num_images=src.num_images, seed=seed, image_size=src.image_size, **_names(src)
         )
         Path(done).write_text("ok\n")
+    if src.eval_images:
+        write_eval_images(src, storage, seed)
     return _as_url_list(urls)
+
+
+def _names(src: SyntheticSource) -> dict[str, list[str]]:
+    """The class and style lists the manifest sets (null keeps the generator's defaults)."""
+    return {k: v for k, v in (("classes", src.classes), ("styles", src.styles)) if v}
+
+
+EVAL_DIR = "eval"
+
+
+def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> str:
+    """The demo's held-out evaluation set: OUTPUT/eval/images/<style>/<class>/*.jpg.
+
+    Drawn like the run's images but from another seed, so no evaluation image is a training one.
+    """
+    from dgaug.stages.download import synthetic
+
+    out = storage.path(EVAL_DIR)
+    synthetic.write_synthetic_dataset(
+        out,
+        num_images=src.eval_images,
+        seed=seed + EVAL_SEED_OFFSET,
+        image_size=src.image_size,
+        **_names(src),
+    )
+    return os.path.join(out, "images")
+
+
+EVAL_SEED_OFFSET = 1_000_003  # any fixed offset: only its difference from the run's seed matters
 
 
 IMAGE_FOLDER_COLUMNS = ("url", "caption", "label", "domain")

@@ -39,7 +39,11 @@ class DownloadStage(Stage):
         cfg = self.config.model_dump(mode="json", exclude=set(self.config.PERFORMANCE_FIELDS))
         synthetic = isinstance(self.manifest.source, SyntheticSource)
         return {
-            "source": self.manifest.source.model_dump(mode="json"),
+            "source": (
+                self.manifest.source.data_record()
+                if synthetic
+                else self.manifest.source.model_dump(mode="json")
+            ),
             "source_files": self._source_files,
             "seed": self.manifest.seed if synthetic else None,
             "shard_size": self.manifest.shard_size,

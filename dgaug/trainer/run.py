@@ -1,0 +1,330 @@
+"""One training run: load data and model for the mode, fit (resuming), save, evaluate, write results."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dgaug.trainer.config import TrainConfig
+from dgaug.trainer.data import (
+    DataError,
+    FeatureSet,
+    filter_domains,
+    index_shards,
+    read_features,
+    read_synthetic,
+)
+from dgaug.trainer.loop import FitResult, LoopSettings, fit
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+RESULTS_JSON = "eval.json"
+RESULTS_MD = "eval.md"
+TRAIN_JSON = "train.json"
+# Fields that change neither the batches nor the arithmetic: a resume may change them.
+_NOT_FINGERPRINTED = {"output", "eval", "decode_threads", "checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    mode: str
+    model: str
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    classes: list[str] = field(default_factory=list)
+    eval: dict | None = None
+    table: str | None = None
+
+
+def fingerprint(cfg: TrainConfig, model: str) -> str:
+    record = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    record["model"] = model
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_model(cfg: TrainConfig) -> str:
+    """The CLIP spec: the configured one, else the one named in the features files."""
+    if cfg.model:
+        return cfg.model
+    if cfg.data.features:
+        import pyarrow.parquet as pq
+
+        files = sorted(Path(cfg.data.features).glob("*.parquet"))
+        if files:
+            meta = pq.read_schema(files[0]).metadata or {}
+            if b"dgaug.model" in meta:
+                return meta[b"dgaug.model"].decode()
+    raise DataError("train.model: required (an open_clip spec such as ViT-B-16:openai)")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) as `cfg` says, then evaluate when an evaluation set is given.
+
+    Raises DataError for inputs that cannot be used, CheckpointMismatch when `output` holds another
+    config's checkpoints, ModelError for a model that cannot be loaded.
+    """
+    problems = cfg.missing_inputs()
+    if problems:
+        raise DataError("; ".join(problems))
+    phase = on_phase or (lambda _: None)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(cfg)
+    fp = fingerprint(cfg, model)
+    settings = LoopSettings(
+        cfg.epochs,
+        cfg.max_steps,
+        cfg.grad_accum,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.warmup_steps,
+        cfg.checkpoint_every,
+        cfg.keep_checkpoints,
+    )
+    with _threads(cfg.cpu_threads):
+        runner = {"clip": _train_clip, "probe": _train_probe, "coop": _train_coop}[cfg.mode]
+        result = runner(cfg, model, fp, settings, on_step, phase)
+    _write_json(output / TRAIN_JSON, _train_record(cfg, model, fp, result))
+    if result.eval is not None:
+        from dgaug.trainer.evaluate import markdown_table
+
+        result.table = markdown_table(result.eval)
+        _write_json(output / RESULTS_JSON, {"mode": cfg.mode, "model": model, **result.eval})
+        _write_text(output / RESULTS_MD, result.table + "\n")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ clip
+
+
+def _load(cfg: TrainConfig, model: str):
+    from dgaug.models.clip import load_clip
+
+    return load_clip(model, device=cfg.device, precision=cfg.precision, seed=0)
+
+
+def _train_clip(cfg, model, fp, settings, on_step, phase) -> TrainResult:
+    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.modes import ClipTask
+
+    phase("indexing shards")
+    real = filter_domains(index_shards(cfg.data.real), cfg.data.domains)
+    edsam = index_shards(cfg.data.edsam) if cfg.data.edsam and cfg.edsam_ratio > 0 else []
+    clip = _load(cfg, model)
+    pairs = load_eval_set(cfg.eval)
+    classnames = sorted({p.label for p in pairs if p.label is not None})
+    start = None
+    if pairs:
+        phase("evaluating the starting model")
+        before = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        prompts = class_prompts(classnames, cfg.eval.class_template)
+        start = (zero_shot_head(clip.encode_text(prompts)), before.images)
+
+    clip.model.train().requires_grad_(True)
+    task = ClipTask(
+        clip,
+        real,
+        edsam,
+        batch_size=cfg.batch_size,
+        edsam_ratio=cfg.edsam_ratio,
+        seed=cfg.seed,
+        decode_threads=cfg.decode_threads,
+    )
+    phase(f"training on {len(real)} real pairs" + (f" and {len(edsam)} ED-SAM" if edsam else ""))
+    try:
+        fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
+    finally:
+        task.close()
+    clip.model.eval().requires_grad_(False)
+    _save_weights(Path(cfg.output) / MODEL_FILE, clip.model.state_dict(), {"model": model})
+    result = _result(cfg, model, fitted, classnames)
+    if pairs:
+        phase("evaluating")
+        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        head = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
+        result.eval = _evaluate(cfg, data, classnames, head, start)
+    return result
+
+
+# ------------------------------------------------------------------------------ features modes
+
+
+def _train_set(cfg: TrainConfig) -> FeatureSet:
+    origins = ("real", "edsam") if cfg.data.edsam_features else ("real",)
+    real = read_features(cfg.data.features, origins=origins, domains=cfg.data.domains)
+    if not cfg.data.ldfs:
+        return real
+    # Only what LDFS made from the training rows: another domain's real rows must not leak in.
+    sources = set(real.keys) if cfg.data.domains is not None else None
+    return FeatureSet.concat([real, read_synthetic(cfg.data.ldfs, sources=sources)])
+
+
+def _classes(train: FeatureSet) -> list[str]:
+    classes = sorted({label for label in train.labels if label is not None})
+    if len(classes) < 2:
+        raise DataError(
+            f"{len(classes)} class label(s) in the training features; probe and coop need labels "
+            "(a class dataset, or a url list with label_col) of at least 2 classes"
+        )
+    return classes
+
+
+def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
+    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.modes import ProbeTask
+
+    phase("reading features")
+    train_set = _train_set(cfg)
+    classnames = _classes(train_set)
+    task = ProbeTask(train_set, classnames, cfg.batch_size, cfg.seed)
+    phase(f"training a linear probe on {len(task.y)} features")
+    fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
+    weights = {"weight": task.weight.detach(), "bias": task.bias.detach()}
+    _save_weights(Path(cfg.output) / MODEL_FILE, weights, {"model": model, "classes": classnames})
+    result = _result(cfg, model, fitted, classnames)
+    pairs = load_eval_set(cfg.eval)
+    if pairs:
+        phase("evaluating")
+        clip = _load(cfg, model)
+        _check_dim(clip, train_set)
+        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        head = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
+        with torch.no_grad():
+            result.eval = _evaluate(cfg, data, classnames, head, None, probe=task.logits)
+    return result
+
+
+def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
+    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.modes import CoopTask
+    from dgaug.trainer.prompts import PromptLearner
+
+    phase("reading features")
+    train_set = _train_set(cfg)
+    classnames = _classes(train_set)
+    clip = _load(cfg, model)
+    _check_dim(clip, train_set)
+    words = [c.replace("_", " ") for c in classnames]
+    learner = PromptLearner(
+        clip.model, clip.tokenizer, words, n_ctx=cfg.n_ctx, init=cfg.ctx_init, seed=cfg.seed
+    )
+    task = CoopTask(learner, train_set, classnames, cfg.batch_size, cfg.seed, clip.logit_scale)
+    phase(f"learning {cfg.n_ctx} context tokens on {len(task.y)} features")
+    fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
+    _save_weights(
+        Path(cfg.output) / MODEL_FILE,
+        {"ctx": learner.ctx.detach()},
+        {"model": model, "classes": classnames},
+    )
+    result = _result(cfg, model, fitted, classnames)
+    pairs = load_eval_set(cfg.eval)
+    if pairs:
+        phase("evaluating")
+        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        learned = zero_shot_head(learner.class_embeddings())
+        start = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
+        result.eval = _evaluate(cfg, data, classnames, learned, (start, data.images))
+    return result
+
+
+# --------------------------------------------------------------------------------------- shared
+
+
+def _evaluate(cfg, data, classnames, head, start, probe=None) -> dict:
+    from dgaug.trainer.evaluate import evaluate
+
+    return evaluate(
+        data,
+        classnames,
+        classify=head,
+        start=start,
+        probe=probe,
+        train_domains=cfg.data.domains,
+    )
+
+
+def _check_dim(clip, train: FeatureSet) -> None:
+    if clip.embed_dim != train.embeddings.shape[1]:
+        raise DataError(
+            f"train.model {clip.model_id} embeds in {clip.embed_dim} dimensions but the features "
+            f"have {train.embeddings.shape[1]}: use the model that made them ({train.model})"
+        )
+
+
+def _result(cfg, model, fitted: FitResult, classnames) -> TrainResult:
+    return TrainResult(
+        Path(cfg.output),
+        cfg.mode,
+        model,
+        fitted.steps,
+        fitted.resumed_from,
+        fitted.losses,
+        list(classnames),
+    )
+
+
+def _train_record(cfg: TrainConfig, model: str, fp: str, r: TrainResult) -> dict:
+    return {
+        "mode": cfg.mode,
+        "model": model,
+        "fingerprint": fp,
+        "steps": r.steps,
+        "resumed_from": r.resumed_from,
+        "losses": r.losses,
+        "classes": r.classes,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"dgaug": json.dumps(meta, sort_keys=True)},
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
