@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow lint format bench gpu-wheels clean
+.PHONY: help install demo test test-slow soak lint format bench gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -27,6 +27,9 @@ test: $(STAMP)  ## run the test suite (no network, no GPU)
 
 test-slow: $(STAMP)  ## the suite plus the slower tests
 	$(BIN)/pytest -q -m 'not gpu' $(PYTEST_ARGS)
+
+soak: $(STAMP)  ## the kill harness with many SIGKILLs over every stage (a table; JSON in bench/results/)
+	$(BIN)/python tests/soak.py --kills 50 --seed 0
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check dgaug tests bench

@@ -13,11 +13,10 @@ import json
 import os
 import shutil
 import tarfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +28,7 @@ from dgaug.pipeline.manifest import validate
 from dgaug.pipeline.run import RunSummary, run_pipeline
 from dgaug.stages.download.merge import failure_reason
 from dgaug.stages.download.urls import sample_key
+from tests.helpers import loopback_server
 
 SHARD_SIZE = 8
 IMAGE_SIZE = 32
@@ -82,13 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_server(_Handler) as url:
+        yield url
 
 
 # ---------------------------------------------------------------------------------- the url list

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from dgaug.pipeline.manifest import validate
 from dgaug.pipeline.run import FingerprintMismatch, run_pipeline
 from dgaug.pipeline.status import read_status
 from dgaug.stages.download.stage import DownloadStage
-from tests.helpers import REPO, tiny_manifest_dict
+from tests.helpers import dgaug_process, tiny_manifest_dict
 
 
 def data_files(root: Path) -> dict[str, bytes]:
@@ -109,14 +108,7 @@ def test_failed_shard_is_recorded_others_go_on(tmp_path: Path, monkeypatch) -> N
 
 
 def _dgaug(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dgaug.cli.app", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # so the kill reaches img2dataset's processes too
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    return dgaug_process(*args, cwd=cwd)
 
 
 def _run_and_kill_after(manifest: Path, cwd: Path, markers: int) -> set[str]:
@@ -167,7 +159,7 @@ def test_url_list_replaced_under_the_same_name_is_refused(tmp_path: Path) -> Non
         rows.append(f"{p.as_uri()}\tpicture number {i}")
     tsv = tmp_path / "urls.tsv"
     tsv.write_text("url\tcaption\n" + "\n".join(rows[:4]) + "\n")
-    src = {"kind": "url_list", "path": str(tsv), "input_format": "tsv"}
+    src = {"kind": "url_list", "path": str(tsv), "input_format": "tsv", "allowed_schemes": ["file"]}
     m = validate(tiny_manifest_dict(tmp_path / "out", source=src, shard_size=2))
     assert run_pipeline(m).stages["download"].samples == 4
     tsv.write_text("url\tcaption\n" + "\n".join(rows) + "\n")

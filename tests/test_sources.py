@@ -17,6 +17,7 @@ from dgaug.pipeline.run import run_pipeline
 from dgaug.stages.download.ingest import _iter_samples, expand_shards
 from dgaug.stages.download.sources import check_source_readable, list_image_folder
 from dgaug.stages.download.urls import SourceError, sample_key
+from tests.helpers import write_tar
 
 DOMAINS = ("photo", "sketch")
 CLASSES = ("cat", "dog")
@@ -145,15 +146,7 @@ def test_image_folder_end_to_end_keeps_label_and_domain(folder, tmp_path):
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> list[int]:
     """A plain tar (as any webdataset writer makes); returns each member's data offset."""
-    offsets = []
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as tf:
-        offsets = [m.offset_data for m in tf.getmembers()]
-    return offsets
+    return [m.offset_data for m in write_tar(path, members)]
 
 
 JPG_A, JPG_B, JPG_C, JPG_D = (_image((i * 50, 10, 200)) for i in range(4))

@@ -303,3 +303,31 @@ def yaml_manifest(run_out: Path, tmp_path: Path) -> Path:
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
+
+
+def test_an_undecodable_image_costs_only_itself(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dgaug.models.clip import load_clip
+    from dgaug.trainer.data import ImageRef, Pair
+    from dgaug.trainer.evaluate import embed_eval_set
+    from dgaug.trainer.modes import ClipTask
+
+    pairs = []
+    for i in range(8):
+        path = tmp_path / f"{i}.jpg"
+        if i == 3:
+            path.write_bytes(b"<html>not an image</html>")
+        else:
+            Image.new("RGB", (40, 40), (30 * i, 10, 200 - 20 * i)).save(path)
+        pairs.append(Pair(str(i), f"caption {i}", ImageRef(str(path)), "cat", "photo"))
+    clip = load_clip("tiny-random", device="cpu")
+    task = ClipTask(clip, pairs, [], batch_size=8, edsam_ratio=0, seed=0, decode_threads=2)
+    try:
+        assert torch.isfinite(task.loss(0, 0))
+        assert task.skipped == {"undecodable_image": 1}
+    finally:
+        task.close()
+    data = embed_eval_set(clip, pairs, batch_size=4, threads=2)
+    assert [p.key for p in data.pairs] == ["0", "1", "2", "4", "5", "6", "7"]
+    assert data.images.shape[0] == 7 and data.skipped == {"undecodable_image": 1}

@@ -81,6 +81,28 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("dgaug").setLevel(logging.INFO)
 
 
+class _RunLogFile(logging.FileHandler):
+    """The run's log file. When it cannot be written (a full disk), it says so once and stops,
+    instead of printing a traceback for every record."""
+
+    broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        if self.broken:
+            return
+        self.broken = True
+        err = sys.exc_info()[1]
+        _console().print(
+            f"warning: cannot write the run log {self.baseFilename} ({err}); "
+            "it stops here, the terminal goes on",
+            markup=False,
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+
 def _file_log(output: str) -> logging.Handler | None:
     from dgaug.pipeline.storage import DGAUG_DIR, Storage
 
@@ -89,7 +111,7 @@ def _file_log(output: str) -> logging.Handler | None:
         return None
     logs = Path(storage.path(f"{DGAUG_DIR}/logs"))
     logs.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(logs / time.strftime("run-%Y%m%d-%H%M%S.log"))
+    h = _RunLogFile(logs / time.strftime("run-%Y%m%d-%H%M%S.log"))
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     h.setLevel(logging.INFO)
     lg = logging.getLogger("dgaug")
@@ -127,8 +149,9 @@ def run(
     from dgaug.cli.errors import user_error_message
     from dgaug.cli.progress import RichProgress, print_run_summary
 
-    handler = _file_log(m.output)
+    handler = None
     try:
+        handler = _file_log(m.output)
         from dgaug.pipeline.run import run_pipeline
 
         with RichProgress(_console()) as listener:
@@ -163,10 +186,17 @@ def status(
     Exits 0 when every shard is committed, 1 if some failed, 4 if work remains.
     """
     m = _load(manifest, set_)
+    from dgaug.cli.errors import user_error_message
     from dgaug.cli.progress import print_status
     from dgaug.pipeline.status import read_status
 
-    st = read_status(m.output)
+    try:
+        st = read_status(m.output)
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        raise _fail(*msg) from None
     print_status(st, max_errors=errors)
     if not st.started:
         raise typer.Exit(exitcodes.PENDING)

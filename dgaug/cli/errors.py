@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-
 from dgaug.cli import exitcodes
 from dgaug.pipeline.manifest import ManifestError
 
@@ -13,6 +11,7 @@ def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
     from dgaug.models.errors import ModelError
     from dgaug.pipeline.lock import LockHeld
     from dgaug.pipeline.run import FingerprintMismatch
+    from dgaug.pipeline.storage import StorageError, disk_full
     from dgaug.stages.download.urls import SourceError
 
     if isinstance(e, ModelError):
@@ -23,13 +22,16 @@ def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
         return exitcodes.INVALID, ["error: the source cannot be read:"] + [
             f"  {p}" for p in e.problems
         ]
+    if isinstance(e, StorageError):
+        return exitcodes.INVALID, [f"error: {e}"]
     if isinstance(e, LockHeld):
         return exitcodes.REFUSED, [f"error: {e}"]
     if isinstance(e, FingerprintMismatch):
         return exitcodes.REFUSED, [f"error: {e}"]
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if disk_full(e):
+        where = e.filename if isinstance(e, OSError) and e.filename else "output"
         return exitcodes.FAILED, [
-            f"error: no space left on the output device ({e.filename or 'output'}). Committed "
+            f"error: no space left on the output device ({where}). Committed "
             "shards are intact; free some space and run the same command again."
         ]
     if isinstance(e, PermissionError):

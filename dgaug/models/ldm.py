@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dgaug.models.errors import ModelError
+from dgaug.models.errors import ModelError, code_in_pickle
 from dgaug.models.tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,13 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[
     except ModelError:
         raise
     except Exception as exc:  # any loader failure becomes one actionable line
+        code = code_in_pickle(exc)  # diffusers and transformers wrap torch's refusal
+        if code:
+            raise ModelError(
+                f"cannot load {spec!r} ({component}): refused: a weights file in it would run "
+                f"code when unpickled ({code}); weights are read only as safetensors or with "
+                "torch.load(weights_only=True): re-save them as safetensors"
+            ) from exc
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if local is not None:
             hint = "check that the folder holds a complete diffusers checkpoint"

@@ -14,6 +14,7 @@ from typing import Any
 from dgaug import __version__
 from dgaug.pipeline.ledger import Ledger, fingerprint
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
+from dgaug.pipeline.storage import DiskFull, disk_full
 
 
 @dataclass
@@ -95,6 +96,10 @@ def run_attempt(
             stage.name, shard, True, result.samples, dict(result.failures), None, attempts, duration
         )
     except Exception as e:  # a shard's failure is data: record it, let the executor decide
+        if disk_full(e):
+            # Not this shard's fault, and every shard after it would fail the same way (nor could
+            # the failure be recorded): the run stops and says so; committed shards are intact.
+            raise DiskFull(_where_full(e, ctx.storage.root)) from e
         duration = time.time() - started
         error = f"{type(e).__name__}: {e}"
         stage.log.warning(
@@ -142,6 +147,18 @@ def record_failure(
                 "pid": pid or os.getpid(),
             },
         )
-    except OSError:
-        stage.log.exception("could not record the failure of %s/%05d", stage.name, shard)
+    except OSError as e:  # one line: the failure itself is in the run's summary
+        stage.log.warning("could not record the failure of %s/%05d: %s", stage.name, shard, e)
     return attempts
+
+
+def _where_full(exc: BaseException, root: str) -> str:
+    """The path whose write ran out of space, if the error names one; else the output root."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename:
+            return str(e.filename)
+        e = e.__cause__ or e.__context__
+    return root

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -9,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from dgaug.pipeline.storage import DGAUG_DIR, Storage
@@ -16,6 +19,7 @@ from dgaug.pipeline.storage import DGAUG_DIR, Storage
 log = logging.getLogger(__name__)
 
 LOCK_REL = f"{DGAUG_DIR}/lock.json"
+GUARD_REL = f"{DGAUG_DIR}/lock.guard"  # flocked while a run takes the lock (local outputs)
 
 
 class LockHeld(Exception):
@@ -47,6 +51,25 @@ def _proc_start_ticks(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+@contextlib.contextmanager
+def _acquiring(guard: str) -> Iterator[None]:
+    """Hold an exclusive flock on `guard` while the lock is checked and taken (processes of this
+    machine, and of others where the filesystem supports flock). Where flock is not supported the
+    exclusive create of the lock file alone decides, as before."""
+    try:
+        fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
 
 class RunLock:
@@ -96,20 +119,28 @@ class RunLock:
         record = self._record()
         if self.storage.is_local:
             path = self.storage.path(LOCK_REL)
-            for _ in range(2):
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    holder = self.read_holder() or {}
-                    if holder and not self.is_stale(holder):
-                        raise LockHeld(holder, self.storage.root) from None
-                    self._take_over(holder)
-                    continue
-                with os.fdopen(fd, "w") as f:
-                    json.dump(record, f)
-                break
-            else:
-                raise LockHeld(self.read_holder() or {}, self.storage.root)
+            # Serialized: two runs that both find a stale lock would otherwise both take it over,
+            # the later one removing the lock the earlier one had just made.
+            with _acquiring(self.storage.path(GUARD_REL)):
+                for _ in range(2):
+                    try:
+                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        holder = self.read_holder() or {}
+                        if holder and not self.is_stale(holder):
+                            raise LockHeld(holder, self.storage.root) from None
+                        self._take_over(holder)
+                        continue
+                    try:
+                        with os.fdopen(fd, "w") as f:
+                            json.dump(record, f)
+                    except BaseException:  # a full disk: leave no empty lock behind
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                        raise
+                    break
+                else:
+                    raise LockHeld(self.read_holder() or {}, self.storage.root)
         else:
             holder = self.read_holder()
             if holder is not None and holder and not self.is_stale(holder):

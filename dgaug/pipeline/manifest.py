@@ -10,6 +10,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dgaug.pipeline.values import (
+    MAX_DEPTH,
+    check_protocols,
+    check_template,
+    join_loc,
+    size_problem,
+    url_secret,
+    value_problems,
+)
 from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
@@ -27,6 +36,11 @@ class ManifestError(Exception):
         super().__init__(
             f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  {p}" for p in problems)
         )
+
+
+# What img2dataset's fetcher (urllib) can open; a url list allows a subset (see urls.py).
+FETCHABLE_SCHEMES = ("http", "https", "ftp", "file", "data")
+DEFAULT_SCHEMES = ("http", "https")
 
 
 class _Strict(BaseModel):
@@ -54,13 +68,33 @@ class UrlListSource(_Strict):
     save_columns: list[str] = Field(
         default_factory=list, description="Extra columns copied into each sample's json."
     )
+    allowed_schemes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SCHEMES),
+        description="URL schemes img2dataset may fetch; a row with any other (file, ftp, data, "
+        "s3...) is skipped and counted as scheme_not_allowed.",
+    )
 
     @field_validator("path")
     @classmethod
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if not v:
             raise ValueError("must name at least one file")
+        for p in [v] if isinstance(v, str) else v:
+            check_protocols(p)
         return v
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, v: list[str]) -> list[str]:
+        schemes = [s.strip().lower().removesuffix("://").removesuffix(":") for s in v]
+        if not schemes:
+            raise ValueError(f"must name at least one scheme, e.g. {list(DEFAULT_SCHEMES)}")
+        unknown = sorted({s for s in schemes if s not in FETCHABLE_SCHEMES})
+        if unknown:
+            raise ValueError(
+                f"{unknown}: img2dataset fetches only {', '.join(FETCHABLE_SCHEMES)} URLs"
+            )
+        return sorted(set(schemes), key=schemes.index)
 
     @model_validator(mode="after")
     def _txt_has_only_urls(self) -> UrlListSource:
@@ -85,11 +119,7 @@ class ImageFolderSource(_Strict):
     @field_validator("caption_template")
     @classmethod
     def _template(cls, v: str) -> str:
-        try:
-            v.format(domain="d", label="l")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"may use only {{domain}} and {{label}} ({e})") from None
-        return v
+        return check_template(v, ("domain", "label"))
 
 
 class ShardsSource(_Strict):
@@ -99,6 +129,19 @@ class ShardsSource(_Strict):
     path: str = Field(
         description="Glob or brace pattern of .tar files, e.g. /data/{00000..00099}.tar"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _braces(cls, v: str) -> str:
+        from braceexpand import braceexpand
+
+        if not v.strip():
+            raise ValueError("must not be empty")
+        try:
+            braceexpand(v)  # a generator: checks the braces without expanding the pattern
+        except ValueError as e:
+            raise ValueError(f"not a brace pattern: {e}") from None
+        return check_protocols(v)
 
 
 class SyntheticSource(_Strict):
@@ -192,7 +235,7 @@ class Manifest(_Strict):
     def _output(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        return v
+        return check_protocols(v)
 
     @model_validator(mode="after")
     def _resources_name_stages(self) -> Manifest:
@@ -220,8 +263,7 @@ class Manifest(_Strict):
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     # Discriminated unions put the tag into the path (source.url_list.path); users wrote source.path.
-    parts = [str(p) for p in loc if p not in {"url_list", "image_folder", "shards", "synthetic"}]
-    return ".".join(parts) if parts else "(manifest)"
+    return join_loc(p for p in loc if p not in {"url_list", "image_folder", "shards", "synthetic"})
 
 
 def validation_problems(err: ValidationError) -> list[str]:
@@ -232,23 +274,33 @@ def validation_problems(err: ValidationError) -> list[str]:
             msg = "unknown field"
         elif e["type"] == "union_tag_invalid":
             tag = e.get("ctx", {}).get("tag", e["input"])
-            msg = f"unknown kind {tag!r}; use url_list, image_folder, shards or synthetic"
+            tag = "(a value holding credentials)" if url_secret(str(tag)) else repr(tag)
+            msg = f"unknown kind {tag}; use url_list, image_folder, shards or synthetic"
         out.append(f"{_format_loc(tuple(e['loc']))}: {msg}")
     return out
+
+
+def _shown(item: str) -> str:
+    """An override as error messages show it: a value holding credentials is not repeated."""
+    key, eq, value = item.partition("=")
+    if not url_secret(value if eq else item):
+        return item
+    return f"{key}=(a value holding credentials)" if eq else "(an override holding credentials)"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 0.3 is a float and [1,2] a list)."""
     if "=" not in item:
-        raise ManifestError([f"--set {item}: expected key.path=value"])
+        raise ManifestError([f"--set {_shown(item)}: expected key.path=value"])
     key, _, raw = item.partition("=")
     path = [p for p in key.strip().split(".")]
     if not all(path):
-        raise ManifestError([f"--set {item}: empty field name in {key!r}"])
+        raise ManifestError([f"--set {_shown(item)}: empty field name in {key!r}"])
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ManifestError([f"--set {item}: value is not valid YAML ({e})"]) from None
+        detail = "" if url_secret(raw) else f" ({e})"
+        raise ManifestError([f"--set {_shown(item)}: value is not valid YAML{detail}"]) from None
     return path, value
 
 
@@ -267,7 +319,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
                 problems.append(
-                    f"--set {item}: {'.'.join(path[: i + 1])} is a {type(nxt).__name__}, "
+                    f"--set {_shown(item)}: {'.'.join(path[: i + 1])} is a {type(nxt).__name__}, "
                     "not a section"
                 )
                 break
@@ -295,18 +347,35 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ManifestError(
             [f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(p)
         ) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ManifestError(
+            [f"not valid YAML: nested deeper than {MAX_DEPTH} levels"], str(p)
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ManifestError([f"top level must be a mapping, got {type(data).__name__}"], str(p))
+        raise ManifestError([f"top level: must be a mapping, got {type(data).__name__}"], str(p))
+    _check_size(data, str(p))
     return data
 
 
+def _check_size(data: Any, source: str | None) -> None:
+    problem = size_problem(data)
+    if problem:
+        raise ManifestError([problem], source)
+
+
 def validate(data: dict[str, Any], source: str | None = None) -> Manifest:
+    _check_size(data, source)  # again: `--set` values are YAML too
+    values = value_problems(data)
     try:
-        return Manifest.model_validate(data)
+        m = Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(validation_problems(e), source) from None
+        problems = validation_problems(e)
+        raise ManifestError(problems + [p for p in values if p not in problems], source) from None
+    if values:
+        raise ManifestError(values, source)
+    return m
 
 
 def load_manifest(path: str | os.PathLike, overrides: list[str] | None = None) -> Manifest:

@@ -10,7 +10,13 @@ from typing import Any
 
 from dgaug.pipeline.executors import RunListener, make_executor
 from dgaug.pipeline.graph import build_stages
-from dgaug.pipeline.ledger import Ledger, changed_fields, fingerprint, fingerprint_record
+from dgaug.pipeline.ledger import (
+    STATE_DIR,
+    Ledger,
+    changed_fields,
+    fingerprint,
+    fingerprint_record,
+)
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.manifest import Manifest, dump_manifest
 from dgaug.pipeline.mix import write_mix
@@ -170,6 +176,9 @@ def run_pipeline(
     started = time.time()
     with RunLock(storage) as lock:
         cleaned = storage.clean_scratch()
+        # A run killed inside an atomic write leaves its hidden `.tmp`; nothing else removes it.
+        for rel in (f"{DGAUG_DIR}/inputs", f"{DGAUG_DIR}/source"):
+            cleaned += storage.clean_stray_temporaries(rel, recursive=True)
         if cleaned:
             log.info("removed %d temporary item(s) left by an interrupted run", cleaned)
         storage.write_text(MANIFEST_REL, dump_manifest(manifest))
@@ -179,6 +188,8 @@ def run_pipeline(
         ledger = Ledger(storage)
         for p in plans.values():
             cleaned += storage.clean_stray_temporaries(p.stage.output_dir)
+            # Markers are written the same way: a kill inside that write leaves one in _state.
+            cleaned += storage.clean_stray_temporaries(f"{p.stage.output_dir}/{STATE_DIR}")
             if force and (p.mismatched or p.extra):
                 # --force redoes mismatched shards; shards the new plan lacks would mix: remove them.
                 for shard in p.extra:

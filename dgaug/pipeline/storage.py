@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -50,12 +51,48 @@ def atomic_write_local(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+class StorageError(Exception):
+    """The output location cannot be opened (unknown protocol, its fsspec package missing)."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("no space left on device", "disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it however it was wrapped (a worker's error text, a library
+    that re-raised), is a device or quota running out of space."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class DiskFull(OSError):
+    """The output (or scratch) device is full: no shard can be made until space is freed, so the
+    run stops instead of failing every remaining shard in turn."""
+
+    def __init__(self, where: str):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+
+
 class Storage:
     """A root folder (local path or fsspec URL) and the few operations the pipeline needs."""
 
     def __init__(self, root: str):
         self.root = root.rstrip("/") or "/"
-        self.fs, base = fsspec.core.url_to_fs(self.root)
+        try:
+            self.fs, base = fsspec.core.url_to_fs(self.root)
+        except ImportError as e:  # "Install s3fs to access S3"
+            raise StorageError(f"output {self.root}: {e}") from None
+        except ValueError as e:  # "Protocol not known: x"
+            raise StorageError(f"output {self.root}: {e}") from None
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
         self.base = os.path.abspath(base) if self.is_local else base.rstrip("/")
@@ -182,8 +219,20 @@ class Storage:
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
         return len(entries)
 
-    def clean_stray_temporaries(self, rel: str) -> int:
-        """Remove `.name.xxxx.tmp` files that an atomic write killed half-way left in `rel`."""
+    def clean_stray_temporaries(self, rel: str, *, recursive: bool = False) -> int:
+        """Remove `.name.xxxx.tmp` files that an atomic write killed half-way left in `rel` (and,
+        if `recursive`, in its subfolders: local outputs only). Call it under the run lock."""
+        if recursive and self.is_local:
+            n = 0
+            for folder, _, names in os.walk(self.path(rel)):
+                for name in names:
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        try:
+                            os.unlink(os.path.join(folder, name))
+                            n += 1
+                        except FileNotFoundError:
+                            pass
+            return n
         n = 0
         for name in self.list(rel):
             if name.endswith(".tmp"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -12,12 +13,16 @@ class _Strict(BaseModel):
 
 
 def _check_template(v: str, allowed: tuple[str, ...]) -> str:
+    names = ", ".join("{" + k + "}" for k in allowed)
     try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
         v.format(**{k: "x" for k in allowed})
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"may use only {', '.join('{' + k + '}' for k in allowed)} ({e})"
-        ) from None
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        # AttributeError: `{domain.x}`; pydantic turns only ValueError into a field problem.
+        raise ValueError(f"may use only {names} ({e})") from None
+    other = sorted(fields - set(allowed))
+    if other:  # `{domain.__class__}` formats without error, and means nothing
+        raise ValueError(f"may use only {names}, not {other}")
     return v
 
 

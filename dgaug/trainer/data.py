@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Sequence
@@ -46,10 +45,10 @@ class Pair:
 
 
 def decode_image(data: bytes):
-    from PIL import Image
+    """8-bit RGB as the pipeline's stages decode it (16-bit scaled, alpha on white)."""
+    from dgaug.stages.shard_io import open_rgb  # a format helper; imports nothing of the pipeline
 
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    return open_rgb(data)
 
 
 def shard_paths(folder: str | Path) -> list[Path]:
@@ -90,9 +89,10 @@ def _index_tar(path: Path) -> list[Pair]:
             if ext in IMAGE_EXTS and "image" not in s:
                 s["image"] = ImageRef(str(path), m.offset_data, m.size)
             elif ext == "txt":
-                s["caption"] = tf.extractfile(m).read().decode("utf-8").strip()
+                # Shards from elsewhere may hold any bytes: a caption is never worth a crash.
+                s["caption"] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
             elif ext == "json":
-                s["json"] = json.loads(tf.extractfile(m).read())
+                s["json"] = _json_object(tf.extractfile(m).read())
     out = []
     for key in order:
         s = samples[key]
@@ -110,6 +110,15 @@ def _index_tar(path: Path) -> list[Pair]:
             )
         )
     return out
+
+
+def _json_object(data: bytes) -> dict:
+    """A json member as a dict; unreadable or not an object: {} (the sample keeps no metadata)."""
+    try:
+        meta = json.loads(data)
+    except ValueError:  # also UnicodeDecodeError
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _str_or_none(v) -> str | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +14,6 @@ from dgaug.trainer.config import EvalConfig
 from dgaug.trainer.data import (
     DataError,
     Pair,
-    decode_image,
     filter_domains,
     index_shards,
     list_image_folder,
@@ -25,6 +25,7 @@ from dgaug.trainer.metrics import (
     retrieval_recall,
     zero_shot_logits,
 )
+from dgaug.trainer.modes import load_pixels
 
 KS = (1, 5, 10)
 
@@ -62,23 +63,30 @@ class Embedded:
     pairs: list[Pair]
     images: torch.Tensor
     captions: torch.Tensor
+    skipped: dict[str, int] = field(default_factory=dict)  # undecodable images by reason
 
 
 @torch.no_grad()
 def embed_eval_set(clip, pairs: Sequence[Pair], *, batch_size: int, threads: int) -> Embedded:
-    def load(p: Pair) -> torch.Tensor:
-        return clip.preprocess(decode_image(p.image.read()))
-
+    skipped: Counter[str] = Counter()
+    kept: list[Pair] = []
     images = []
     with ThreadPoolExecutor(threads, thread_name_prefix="eval-decode") as pool:
         for i in range(0, len(pairs), batch_size):
-            batch = torch.stack(list(pool.map(load, pairs[i : i + batch_size])))
-            images.append(clip.encode_preprocessed(batch).float().cpu())
-    unique = sorted({p.caption for p in pairs})
+            chunk = pairs[i : i + batch_size]
+            pixels = list(pool.map(lambda p: load_pixels(clip.preprocess, p, skipped), chunk))
+            good = [j for j, x in enumerate(pixels) if x is not None]
+            if good:
+                batch = torch.stack([pixels[j] for j in good])
+                images.append(clip.encode_preprocessed(batch).float().cpu())
+                kept += [chunk[j] for j in good]
+    if not kept:
+        raise DataError(f"no evaluation image could be decoded ({dict(skipped)})")
+    unique = sorted({p.caption for p in kept})
     text = clip.encode_text(unique).float().cpu()
     row = {c: i for i, c in enumerate(unique)}
-    captions = text[[row[p.caption] for p in pairs]]
-    return Embedded(list(pairs), torch.cat(images), captions)
+    captions = text[[row[p.caption] for p in kept]]
+    return Embedded(kept, torch.cat(images), captions, dict(skipped))
 
 
 def class_prompts(classnames: Sequence[str], template: str) -> list[str]:
@@ -147,6 +155,7 @@ def evaluate(
         "train_domains": None if train_domains is None else list(train_domains),
         "probe": probe_source,
         "skipped_unknown_label": skipped,
+        "skipped_images": dict(data.skipped),
         "domains": per_domain,
         "held_out_mean": _mean(held) if held else None,
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +23,25 @@ def _seed(*parts: object) -> int:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(_seed(seed, "order", epoch))
     return torch.randperm(n, generator=g)
+
+
+_count_lock = threading.Lock()
+
+
+def load_pixels(preprocess, pair: Pair, skipped: Counter[str]) -> torch.Tensor | None:
+    """A pair's image through `preprocess`; None (counted by reason) when it cannot be used.
+
+    A shards source keeps image bytes as they came, so a bad image can reach the trainer; as in
+    the stages, it costs that sample only, and the same bytes are skipped on every run.
+    """
+    from dgaug.stages.shard_io import skip_reason
+
+    try:
+        return preprocess(decode_image(pair.image.read()))
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for bad bytes
+        with _count_lock:
+            skipped[skip_reason(e)] += 1
+        return None
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor):
@@ -65,6 +86,7 @@ class ClipTask:
                 f"{len(self.real)} real pairs to train on, fewer than one batch of {batch_size}"
             )
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="train-decode")
+        self.skipped: Counter[str] = Counter()  # undecodable images by reason
         self._order: tuple[int, torch.Tensor] | None = None
 
     def micro_batches_per_epoch(self) -> int:
@@ -79,29 +101,37 @@ class ClipTask:
         idx = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
         return [self.real[i] for i in idx.tolist()]
 
-    def _pixels(self, pairs: Sequence[Pair]) -> torch.Tensor:
-        def load(p: Pair) -> torch.Tensor:
-            return self.clip.preprocess(decode_image(p.image.read()))
+    def _pixels(self, pairs: Sequence[Pair]) -> list[torch.Tensor | None]:
+        """Each pair's preprocessed image; None for one that cannot be decoded (counted)."""
+        pre = self.clip.preprocess
+        return list(self.pool.map(lambda p: load_pixels(pre, p, self.skipped), pairs))
 
-        return torch.stack(list(self.pool.map(load, pairs))).to(self.clip.device)
-
-    def _loss(self, pairs: Sequence[Pair], captions: Sequence[str]) -> torch.Tensor:
-        tokens = self.clip.tokenizer(list(captions)).to(self.clip.device)
+    def _loss(self, pairs: Sequence[Pair], captions: Sequence[str]) -> torch.Tensor | None:
+        pixels = self._pixels(pairs)
+        keep = [i for i, x in enumerate(pixels) if x is not None]
+        if len(keep) < 2:  # a contrastive loss needs a negative
+            return None
+        tokens = self.clip.tokenizer([captions[i] for i in keep]).to(self.clip.device)
+        images = torch.stack([pixels[i] for i in keep]).to(self.clip.device)
         dev = self.clip.device
         with torch.autocast(
             dev.type, dtype=self.clip.dtype, enabled=self.clip.dtype != torch.float32
         ):
-            img = self.model.encode_image(self._pixels(pairs))
+            img = self.model.encode_image(images)
             txt = self.model.encode_text(tokens)
         return clip_loss(img.float(), txt.float(), self.model.logit_scale.exp())
 
     def loss(self, epoch: int, index: int) -> torch.Tensor:
         rows = self._rows(epoch, index)
         loss = self._loss(rows, [p.caption for p in rows])
+        if loss is None:
+            raise DataError(
+                f"batch {index} of epoch {epoch} has fewer than 2 decodable images "
+                f"(skipped so far: {dict(self.skipped)})"
+            )
         partners = self.partners(rows, epoch, index)
-        if len(partners) >= 2:  # a contrastive loss needs a negative
-            loss = loss + self._loss([e for e, _ in partners], [c for _, c in partners])
-        return loss
+        extra = self._loss([e for e, _ in partners], [c for _, c in partners])
+        return loss if extra is None else loss + extra
 
     def partners(self, rows: Sequence[Pair], epoch: int, index: int) -> list[tuple[Pair, str]]:
         """(ED-SAM sample, its source's caption) for the first n_edsam rows that have samples."""

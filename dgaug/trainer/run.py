@@ -98,6 +98,7 @@ def train(
     phase = on_phase or (lambda _: None)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(output)
     model = resolve_model(cfg)
     fp = fingerprint(cfg, model)
     settings = LoopSettings(
@@ -305,6 +306,14 @@ def _train_record(cfg: TrainConfig, model: str, fp: str, r: TrainResult) -> dict
     }
 
 
+def _remove_temporaries(output: Path) -> None:
+    """A `dgaug train` killed inside _save_weights or _write_text leaves `.NAME.PID.tmp`; the
+    names carry the pid, so no later run overwrites them: remove them before starting."""
+    for name in (MODEL_FILE, TRAIN_JSON, RESULTS_JSON, RESULTS_MD):
+        for p in output.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -315,6 +324,8 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> N
             str(tmp),
             metadata={"dgaug": json.dumps(meta, sort_keys=True)},
         )
+        with open(tmp, "rb") as f:  # as the checkpoints: on disk before the name says it is
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import ray
 from dgaug.pipeline.attempt import Outcome, record_failure, run_attempt
 from dgaug.pipeline.executors.base import Executor, RunListener
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
+from dgaug.pipeline.storage import TMP_DIR, DiskFull, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,20 @@ def _workers(stage: Stage) -> int:
             "stage %s needs %s GPU per worker; the cluster has %s", stage.name, r.num_gpus, gpus
         )
     return max(1, int(gpus // r.num_gpus))
+
+
+def _remove_scratch(ctx: StageContext, task: ShardTask, pid: Any) -> None:
+    """Remove the scratch folder of an attempt whose worker died in it. A killed process runs no
+    `finally`, so its partial shard would stay in `_dgaug/tmp` until the next run starts: with
+    workers lost again and again (OOM kills) in a long run, that fills the disk. The folder is
+    named `<stage>-<shard>.<pid>.<hex>` (Storage.scratch_dir); the worker is killed by now."""
+    storage = ctx.storage
+    if not storage.is_local or not pid:
+        return
+    prefix = f"{task.stage}-{task.shard_id:05d}.{pid}."
+    for name in storage.list(TMP_DIR):
+        if name.startswith(prefix):
+            storage.remove_tree(f"{TMP_DIR}/{name}")
 
 
 def _kill(actor: Any) -> None:
@@ -387,6 +402,8 @@ class _Run:
         try:
             outcome: Outcome = ray.get(ref)
         except Exception as e:  # the actor died (crash, OOM kill, node lost) or run() itself broke
+            if disk_full(e):  # run_attempt's DiskFull: the run stops, as under the local executor
+                raise DiskFull(self.ctx.storage.root) from None
             error = f"{type(e).__name__}: worker lost while processing the shard: {_summary(e)}"
             where = slot.where or {}
             attempts = record_failure(
@@ -401,6 +418,7 @@ class _Run:
             log.warning("shard %s/%05d: %s", task.stage, task.shard_id, error)
             # Its state is unknown, or it is gone: a fresh actor takes the next task.
             pool.discard(slot)
+            _remove_scratch(self.ctx, task, where.get("pid"))
             outcome = Outcome(task.stage, task.shard_id, False, error=error, attempts=attempts)
         if outcome.ok or self.tries[task.id] >= self.max_attempts:
             self._final(outcome)

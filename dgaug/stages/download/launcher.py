@@ -141,6 +141,100 @@ def _skip_img2dataset_process_start_up() -> None:
         distributor.get_context = lambda *_: multiprocessing.get_context("fork")
 
 
+# OpenCV's limit on an image's pixels, checked at the header, before any pixel is decoded. Under
+# its default (2**30 pixels, 3 GB as BGR) a 50 KB PNG of 20,000 x 20,000 pixels was decoded whole:
+# 0.75 GB and 13 s more in the downloading process, then "success". This is PIL's own decompression-bomb threshold (2 * PIL.Image.MAX_IMAGE_PIXELS), the one
+# the edsam and features stages meet when they decode, so every stage refuses the same images.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+class _GuardedCv2:
+    """img2dataset's resizer's view of cv2, with `imdecode` made safe for what the web serves.
+
+    img2dataset decodes with `cv2.imdecode(buf, IMREAD_UNCHANGED)`, then:
+    - a 16-bit image (PNG, TIFF) stays 16-bit, and `cv2.imencode`'s JPEG writer saturates it to 8
+      bits: a white image, counted as a success. Scaled to 8 bits here (x * 255 / 65535).
+    - alpha is matted on white in float64 (7.3 GB more at peak for a 100-megapixel RGBA PNG, 0.65
+      GB for 9 megapixels). Done here in uint32 row blocks with the same rounding: the same
+      pixels, and the returned image has no alpha left for img2dataset to matte.
+    - an empty body or an image over the pixel limit fails with OpenCV's assertion text: said
+      plainly here, so that `merge.failure_reason` counts them as `empty_image` and
+      `image_too_large`.
+    Everything else is cv2's own.
+    """
+
+    def __init__(self, cv2: Any) -> None:
+        self._cv2 = cv2
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cv2, name)
+
+    def imdecode(self, buf: Any, flags: int) -> Any:
+        import numpy as np
+
+        if len(buf) == 0:
+            raise ValueError("empty image: the body has no bytes")
+        try:
+            img = self._cv2.imdecode(buf, flags)
+        except self._cv2.error as e:
+            if "CV_IO_MAX_IMAGE" not in str(e):
+                raise
+            limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+            raise ValueError(
+                f"image too large: over {limit} pixels, refused before decoding "
+                "(decompression bomb guard)"
+            ) from None
+        if img is None:
+            return None
+        if img.dtype == np.uint16:
+            img = self._cv2.convertScaleAbs(img, alpha=255 / 65535)
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = _matte_on_white(img)
+        return img
+
+
+def _matte_on_white(bgra: Any) -> Any:
+    """uint8 BGRA -> BGR on white: img2dataset's `rint(a/255*c + 255 - a)` in integers.
+
+    (a*c + 255*(255 - a)) / 255 is never a half-integer (255 is odd), so adding 127 and dividing
+    rounds exactly as rint does on the float64 value.
+    """
+    import numpy as np
+
+    h, w = bgra.shape[:2]
+    out = np.empty((h, w, 3), np.uint8)
+    rows = max(1, (1 << 20) // max(w, 1))  # about a megapixel per block
+    for y in range(0, h, rows):
+        block = bgra[y : y + rows]
+        a = block[..., 3:4].astype(np.uint32)
+        out[y : y + rows] = (a * block[..., :3] + 255 * (255 - a) + 127) // 255
+    return out
+
+
+def _guard_img2dataset_decoding() -> None:
+    """Bounded, faithful decoding in img2dataset's resizer (see _GuardedCv2).
+
+    The pixel limit is OpenCV's own setting, read when it first decodes, so it also holds for any
+    decode this wrapper does not see. If a future img2dataset stops naming `cv2` in its resizer
+    module, only the limit applies.
+    """
+    import importlib
+
+    resizer = importlib.import_module("img2dataset.resizer")
+    if hasattr(resizer, "cv2") and not isinstance(resizer.cv2, _GuardedCv2):
+        resizer.cv2 = _GuardedCv2(resizer.cv2)
+
+
+def prepare_img2dataset() -> None:
+    """Import img2dataset and set up what each of its calls runs under (the tests use it too)."""
+    # Before OpenCV first decodes (it reads the setting once). A limit the user set is kept.
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+    import img2dataset  # noqa: F401
+
+    _skip_img2dataset_process_start_up()
+    _guard_img2dataset_decoding()
+
+
 def _child(kwargs: dict[str, Any], log_path: str) -> int:
     """In the forked child: output to the log, then the call. Returns the exit code."""
     _die_with_parent()
@@ -166,9 +260,7 @@ def serve(parent_pid: int, requests: IO[str], replies: IO[str]) -> None:
     _die_with_parent()
     if os.getppid() != parent_pid:  # the worker died before the line above took effect
         return
-    import img2dataset  # noqa: F401  once here, so every forked child starts warm
-
-    _skip_img2dataset_process_start_up()
+    prepare_img2dataset()  # once here, so every forked child starts warm
     for line in requests:
         req = json.loads(line)
         pid = os.fork()

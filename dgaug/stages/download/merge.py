@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -40,6 +41,12 @@ def failure_reason(status: str | None, error: str | None) -> str:
     # A file:// URL to nothing: "<urlopen error [Errno 2] No such file or directory: '/x.jpg'>".
     if "no such file" in e:
         return "file_not_found"
+    # The launcher's decode guard (a decompression bomb), or OpenCV's own pixel limit behind it.
+    if "image too large" in e or "cv_io_max_image" in e:
+        return "image_too_large"
+    # A 200 with no body: the guard's message, or OpenCV's assertion where the guard is absent.
+    if "empty image" in e or "buf.empty()" in e:
+        return "empty_image"
     if "timed out" in e or "timeout" in e:
         return "timeout"
     if any(s in e for s in ("connection", "name or service", "urlopen error", "remote end")):
@@ -64,8 +71,16 @@ def write_deterministic_tar(path: str, samples: list[tuple[str, dict[str, bytes]
     with open(path, "wb") as f:
         # An integer mtime: a float one makes tarfile add a 1 KB PAX header to every member.
         writer = TarWriter(f, encoder=False, mtime=0, user="dgaug", group="dgaug", mode=0o444)
-        for key, members in samples:
-            writer.write({"__key__": key, **members})
+        try:
+            for key, members in samples:
+                writer.write({"__key__": key, **members})
+        except BaseException:
+            # Close the tar stream while its file is open (a full disk fails here again, quietly):
+            # left to the garbage collector, it would write into the closed file and print an
+            # "Exception ignored" traceback after the run's one-line error.
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
         writer.close()
 
 

@@ -35,6 +35,10 @@ def _local_dir(storage: Storage, name: str, record: dict) -> str:
     return os.path.join(tempfile.gettempdir(), f"dgaug-source-{name}-{fp}")
 
 
+# dgaug writes these lists itself, of its own files: file:// is the only scheme they hold.
+GENERATED_SCHEMES = ("file",)
+
+
 def _as_url_list(path: str) -> UrlListSource:
     return UrlListSource(
         kind="url_list",
@@ -44,7 +48,22 @@ def _as_url_list(path: str) -> UrlListSource:
         caption_col="caption",
         label_col="label",
         domain_col="domain",
+        allowed_schemes=list(GENERATED_SCHEMES),
     )
+
+
+def allowed_schemes(manifest: Manifest) -> tuple[str, ...]:
+    """The URL schemes the download stage may fetch for this manifest's source.
+
+    A url list: what the manifest allows (http and https unless it says otherwise). Synthetic
+    images and image folders: file://, since dgaug lists those files itself.
+    """
+    src = manifest.source
+    if isinstance(src, UrlListSource):
+        return tuple(src.allowed_schemes)
+    if isinstance(src, (SyntheticSource, ImageFolderSource)):
+        return GENERATED_SCHEMES
+    return ()
 
 
 def synthetic_url_list(src: SyntheticSource, storage: Storage, seed: int) -> UrlListSource:
@@ -80,6 +99,9 @@ def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> str:
     from dgaug.stages.download import synthetic
 
     out = storage.path(EVAL_DIR)
+    # A run killed inside an atomic write leaves `.NAME.PID.tmp` here, outside _dgaug's scratch.
+    for stale in Path(out).rglob(".*.tmp") if os.path.isdir(out) else ():
+        stale.unlink(missing_ok=True)
     synthetic.write_synthetic_dataset(
         out,
         num_images=src.eval_images,
@@ -98,6 +120,13 @@ IMAGE_FOLDER_COLUMNS = ("url", "caption", "label", "domain")
 
 def list_image_folder(src: ImageFolderSource) -> pa.Table:
     """root/<domain>/<class>/<file> -> rows sorted by path, captions from the template."""
+    try:
+        return _list_image_folder(src)
+    except OSError as e:  # unreadable folder, a file vanishing while listed: one clear line
+        raise SourceError([f"source.path: cannot list {src.path}: {e}"]) from None
+
+
+def _list_image_folder(src: ImageFolderSource) -> pa.Table:
     root = Path(src.path)
     if not root.is_dir():
         raise SourceError([f"source.path: not a folder: {root}"])

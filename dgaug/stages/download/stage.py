@@ -20,8 +20,26 @@ from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.download import ingest
 from dgaug.stages.download.launcher import launcher
 from dgaug.stages.download.merge import merge_shards
-from dgaug.stages.download.sources import list_image_folder, listing_digest, resolve_url_list
-from dgaug.stages.download.urls import KEY_COL, file_sizes, split_url_list
+from dgaug.stages.download.sources import (
+    allowed_schemes,
+    list_image_folder,
+    listing_digest,
+    resolve_url_list,
+)
+from dgaug.stages.download.urls import KEY_COL, file_sizes, pre_download_skip, split_url_list
+from dgaug.stages.shard_io import MAX_ASPECT_RATIO
+
+# img2dataset's keep_ratio and center_crop resize the short side first: a 5,000 x 1 sliver (a
+# 94-byte PNG) became 1,280,000 x 256 pixels, 1.1 GB, before its crop; 50,000 x 1 would take 11
+# GB. Unless the manifest sets a limit, those modes skip images more elongated than the edsam and
+# features stages take (img2dataset checks it before resizing: counted as filtered_size).
+_SHORT_SIDE_MODES = ("keep_ratio", "center_crop")
+
+
+def _max_aspect_ratio(cfg: Any) -> float:
+    if cfg.max_aspect_ratio:
+        return cfg.max_aspect_ratio
+    return float(MAX_ASPECT_RATIO) if cfg.resize_mode in _SHORT_SIDE_MODES else float("inf")
 
 
 class DownloadStage(Stage):
@@ -115,12 +133,13 @@ class DownloadStage(Stage):
         has_caption = "caption" in table.column_names
         rows = table.to_pylist()
         expected = [r[KEY_COL] for r in rows]
+        allowed = allowed_schemes(self.manifest)
         skipped, valid = [], []
         for r in rows:
-            if not (r.get("url") or "").strip():
-                skipped.append({**r, "status": "skipped", "error_message": "missing url"})
-            elif has_caption and not (r.get("caption") or "").strip():
-                skipped.append({**r, "status": "skipped", "error_message": "empty caption"})
+            # Missing url, a scheme the manifest does not allow, empty caption: never fetched.
+            reason = pre_download_skip(r, has_caption, allowed)
+            if reason:
+                skipped.append({**r, "status": "skipped", "error_message": reason})
             else:
                 valid.append(r)
 
@@ -147,7 +166,7 @@ class DownloadStage(Stage):
                 resize_only_if_bigger=cfg.resize_only_if_bigger,
                 encode_quality=cfg.encode_quality,
                 min_image_size=cfg.min_image_size,
-                max_aspect_ratio=cfg.max_aspect_ratio or float("inf"),
+                max_aspect_ratio=_max_aspect_ratio(cfg),
                 timeout=cfg.timeout,
                 retries=cfg.retries,
                 user_agent_token=cfg.user_agent_token,

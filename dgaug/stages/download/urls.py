@@ -6,8 +6,11 @@ import csv
 import io
 import json
 import logging
+import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unwrap
 
 import fsspec
 import pyarrow as pa
@@ -31,6 +34,39 @@ class SourceError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+# -- which URLs may be fetched
+
+SCHEME_NOT_ALLOWED = "scheme_not_allowed"
+_URLLIB_TYPE = re.compile(r"([^/:]+):", re.DOTALL)  # urllib.request's own scheme pattern
+
+
+def url_scheme(url: str) -> str | None:
+    """The scheme urllib would fetch `url` with, lowercased; None if it has none.
+
+    Read as urllib reads it (surrounding `<URL:...>` dropped), so `URL:file:///x` is `file`.
+    """
+    m = _URLLIB_TYPE.match(unwrap(url))
+    return m.group(1).lower() if m else None
+
+
+def pre_download_skip(row: dict[str, Any], has_caption: bool, allowed: Any) -> str | None:
+    """Why a url-list row is skipped before any fetch (its status row's error_message), or None.
+
+    `allowed`: the schemes the manifest lets img2dataset fetch; any other is never requested.
+    """
+    url = (row.get("url") or "").strip()
+    if not url:
+        return "missing url"
+    scheme = url_scheme(url)
+    if scheme is None:
+        return "bad url"
+    if scheme not in allowed:
+        return SCHEME_NOT_ALLOWED
+    if has_caption and not (row.get("caption") or "").strip():
+        return "empty caption"
+    return None
 
 
 def sample_key(shard_id: int, row: int) -> str:
@@ -134,15 +170,34 @@ def _iter_file(src: UrlListSource, path: str, cols: dict[str, str]) -> Iterator[
     )
     conv = pacsv.ConvertOptions(
         include_columns=list(cols),
-        column_types={c: pa.string() for c in cols},
+        # Read as bytes: one latin-1 byte in a caption must not fail the whole list (see _utf8).
+        column_types={c: pa.binary() for c in cols},
         strings_can_be_null=False,
     )
     with _open(path) as f:
         reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
         for batch in reader:
-            yield pa.Table.from_batches([batch])
+            yield _utf8(pa.Table.from_batches([batch]))
     if skipped:
         log.warning("%s: skipped %d malformed line(s)", path, skipped)
+
+
+def _utf8(table: pa.Table) -> pa.Table:
+    """Binary columns as UTF-8 strings; invalid bytes become U+FFFD, as in txt lists and shards.
+
+    The cast validates and is fast; only a batch that fails it is decoded row by row.
+    """
+    out = []
+    for column in table.columns:
+        try:
+            out.append(column.cast(pa.string()))
+        except pa.ArrowInvalid:
+            values = [
+                None if v is None else v.decode("utf-8", errors="replace")
+                for v in column.to_pylist()
+            ]
+            out.append(pa.array(values, type=pa.string()))
+    return pa.table(out, names=table.column_names)
 
 
 def iter_rows(src: UrlListSource, paths: list[str]) -> Iterator[pa.Table]:
@@ -203,6 +258,8 @@ def split_url_list(
     pending_rows = 0
     shard = 0
     rows = 0
+    refused: Counter[str] = Counter()  # scheme -> rows the manifest does not let us fetch
+    allowed = set(src.allowed_schemes)
 
     def flush(table: pa.Table) -> None:
         nonlocal shard
@@ -216,6 +273,7 @@ def split_url_list(
 
     for batch in iter_rows(src, paths):
         rows += batch.num_rows
+        refused.update(_refused_schemes(batch.column("url"), allowed))
         pending.append(batch)
         pending_rows += batch.num_rows
         while pending_rows >= shard_size:
@@ -225,7 +283,37 @@ def split_url_list(
             pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
     if pending_rows:
         flush(pa.concat_tables(pending))
+    if refused:
+        # Said once here; each row is skipped before download and counted in its shard's marker.
+        log.warning(
+            "%d url(s) have a scheme that source.allowed_schemes %s does not list (%s): they are "
+            "skipped as %s; list a scheme there to fetch it",
+            sum(refused.values()),
+            sorted(allowed),
+            ", ".join(f"{k}: {n}" for k, n in refused.most_common(5)),
+            SCHEME_NOT_ALLOWED,
+        )
     if not dry_run:
-        storage.write_json(f"{folder}/_SUCCESS.json", {"shards": shard, "rows": rows, **record})
+        storage.write_json(
+            f"{folder}/_SUCCESS.json",
+            {"shards": shard, "rows": rows, "refused_schemes": dict(refused), **record},
+        )
         log.info("split %d url(s) from %d file(s) into %d shard(s)", rows, len(paths), shard)
     return folder, shard
+
+
+def _refused_schemes(urls: pa.ChunkedArray | pa.Array, allowed: set[str]) -> Counter[str]:
+    """Scheme -> count of the urls whose scheme is not in `allowed` (missing urls not counted)."""
+    import pyarrow.compute as pc
+
+    # Fast path: rows that plainly start with an allowed scheme need no Python.
+    plain = "|".join(re.escape(a) for a in sorted(allowed)) or "(?!)"
+    ok = pc.match_substring_regex(urls, rf"^(?i:{plain}):", ignore_case=False)
+    rest = pc.filter(urls, pc.invert(pc.fill_null(ok, False)))
+    out: Counter[str] = Counter()
+    for url in rest.to_pylist():
+        if url and url.strip():
+            scheme = url_scheme(url.strip())
+            if scheme not in allowed:
+                out[scheme or "(none)"] += 1
+    return out

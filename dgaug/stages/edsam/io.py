@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgaug.stages.shard_io import IMAGE_EXTS, read_tar_samples
+from dgaug.stages.shard_io import (
+    IMAGE_EXTS,
+    MAX_ASPECT_RATIO,
+    open_rgb,
+    read_tar_samples,
+    skip_reason,
+)
 
 COPIED_FIELDS = ("label", "domain")  # copied from the source sample's json when present
 
@@ -28,11 +34,14 @@ class SourceSample:
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode, resize the short side to `size` (bicubic), center-crop: [3, size, size] in [−1, 1]."""
+    """Decode, resize the short side to `size` (bicubic), center-crop: [3, size, size] in [−1, 1].
+
+    Decoded by open_rgb: 16-bit and alpha images as the download stage makes them; a decompression
+    bomb or a sliver (whose resized long side would be huge) raises BadImage before any pixel.
+    """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+    with open_rgb(data, MAX_ASPECT_RATIO) as im:
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -64,8 +73,8 @@ def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSa
     else:
         try:
             s.pixels = load_image(image, size)
-        except Exception:  # PIL raises many types for bad bytes; any of them means "skip"
-            s.skip = "undecodable_image"
+        except Exception as e:  # PIL raises many types for bad bytes; any of them means "skip"
+            s.skip = skip_reason(e)
     return s
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -20,7 +19,15 @@ from dgaug.pipeline.stage import (
     model_worker_resources,
 )
 from dgaug.stages.features.config import TINY, FeaturesConfig
-from dgaug.stages.shard_io import IMAGE_EXTS, embedding_column, prefetch, read_tar_samples
+from dgaug.stages.shard_io import (
+    IMAGE_EXTS,
+    MAX_ASPECT_RATIO,
+    embedding_column,
+    open_rgb,
+    prefetch,
+    read_tar_samples,
+    skip_reason,
+)
 
 ORIGINS = ("real", "edsam")  # row order within a file: the real shard, then its ED-SAM samples
 
@@ -41,10 +48,10 @@ class _Row:
 
 
 def _preprocess(data: bytes, preprocess: Any) -> Any:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return preprocess(im.convert("RGB"))
+    # open_rgb: 16-bit and alpha images as the download stage makes them; a decompression bomb,
+    # or a sliver that open_clip's short-side resize would blow up, raises BadImage undecoded.
+    with open_rgb(data, MAX_ASPECT_RATIO) as im:
+        return preprocess(im)
 
 
 def _meta(members: dict[str, bytes]) -> dict[str, Any]:
@@ -147,8 +154,8 @@ class FeaturesStage(Stage):
                     try:
                         pixels.append(r.image.result())
                         rows.append(r)
-                    except Exception:  # PIL raises many types for bad bytes: skip and count
-                        failures["undecodable_image"] += 1
+                    except Exception as e:  # PIL raises many types for bad bytes: skip, count
+                        failures[skip_reason(e)] += 1
                 if not rows:
                     continue
                 images.append(clip.encode_preprocessed(torch.stack(pixels)).cpu())
