@@ -22,6 +22,31 @@ LOCK_REL = f"{DGAUG_DIR}/lock.json"
 GUARD_REL = f"{DGAUG_DIR}/lock.guard"  # flocked while a run takes the lock (local outputs)
 
 
+def _create_whole(path: str, record: dict[str, Any]) -> None:
+    """Create `path` holding `record` as JSON, or raise FileExistsError: exclusive, never seen
+    empty.
+
+    The JSON goes to a temporary file first, then a hard link gives it the name (atomic, and it
+    fails if the name exists), so `dgaug status` or a second run never reads a half-made lock; a
+    full disk fails before the name exists, leaving no empty lock behind. Call it holding the
+    guard.
+    """
+    folder, name = os.path.split(path)
+    # Only one process is here at a time (the guard): any other such temporary is a dead run's.
+    for stale in os.listdir(folder):
+        if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 class LockHeld(Exception):
     """Another live run holds the output folder."""
 
@@ -124,20 +149,13 @@ class RunLock:
             with _acquiring(self.storage.path(GUARD_REL)):
                 for _ in range(2):
                     try:
-                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                        _create_whole(path, record)
                     except FileExistsError:
                         holder = self.read_holder() or {}
                         if holder and not self.is_stale(holder):
                             raise LockHeld(holder, self.storage.root) from None
                         self._take_over(holder)
                         continue
-                    try:
-                        with os.fdopen(fd, "w") as f:
-                            json.dump(record, f)
-                    except BaseException:  # a full disk: leave no empty lock behind
-                        with contextlib.suppress(OSError):
-                            os.unlink(path)
-                        raise
                     break
                 else:
                     raise LockHeld(self.read_holder() or {}, self.storage.root)
