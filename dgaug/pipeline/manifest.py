@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dgaug.pipeline.values import (
     MAX_DEPTH,
     check_protocols,
-    check_template,
     join_loc,
     size_problem,
     url_secret,
@@ -23,6 +22,7 @@ from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
 from dgaug.stages.ldfs.config import LdfsConfig
+from dgaug.templates import check_template
 from dgaug.trainer.config import TrainConfig
 
 

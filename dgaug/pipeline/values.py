@@ -1,9 +1,8 @@
-"""Manifest values a field's type cannot check: protocols, templates, secrets in URLs, NULs, size."""
+"""Manifest values a field's type cannot check: protocols, secrets in URLs, NULs, size."""
 
 from __future__ import annotations
 
 import re
-import string
 from typing import Any
 
 
@@ -90,20 +89,6 @@ def value_problems(data: Any, path: tuple[Any, ...] = ()) -> list[str]:
     if secret:
         return [f"{where}: holds credentials ({secret}): {CREDENTIALS_HELP}"]
     return []
-
-
-def check_template(v: str, allowed: tuple[str, ...]) -> str:
-    """A str.format template whose fields are only `allowed` names (no `{domain.attr}`, `{0}`)."""
-    names = ", ".join("{" + k + "}" for k in allowed)
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-        v.format(**{k: "x" for k in allowed})
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-        raise ValueError(f"may use only {names} ({e})") from None
-    other = sorted({f for f in fields if f not in allowed})
-    if other:
-        raise ValueError(f"may use only {names}, not {other}")
-    return v
 
 
 # A manifest is a few hundred values. The bounds keep a hostile file (YAML aliases reused a

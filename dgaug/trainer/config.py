@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dgaug.templates import check_template
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _check_template(v: str, allowed: tuple[str, ...]) -> str:
-    names = ", ".join("{" + k + "}" for k in allowed)
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        v.format(**{k: "x" for k in allowed})
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-        # AttributeError: `{domain.x}`; pydantic turns only ValueError into a field problem.
-        raise ValueError(f"may use only {names} ({e})") from None
-    other = sorted(fields - set(allowed))
-    if other:  # `{domain.__class__}` formats without error, and means nothing
-        raise ValueError(f"may use only {names}, not {other}")
-    return v
 
 
 class TrainData(_Strict):
@@ -73,12 +60,12 @@ class EvalConfig(_Strict):
     @field_validator("caption_template")
     @classmethod
     def _caption(cls, v: str) -> str:
-        return _check_template(v, ("domain", "label"))
+        return check_template(v, ("domain", "label"))
 
     @field_validator("class_template")
     @classmethod
     def _class(cls, v: str) -> str:
-        return _check_template(v, ("label",))
+        return check_template(v, ("label",))
 
 
 class TrainConfig(_Strict):

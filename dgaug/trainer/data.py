@@ -51,14 +51,19 @@ def decode_image(data: bytes):
     return open_rgb(data)
 
 
-def shard_paths(folder: str | Path) -> list[Path]:
+def _files(folder: str | Path, ext: str, kind: str, noun: str) -> list[Path]:
+    """The folder's *.ext files, sorted; a missing folder or none in it is a DataError."""
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder of shards")
-    tars = sorted(root.glob("*.tar"))
-    if not tars:
-        raise DataError(f"{root}: no .tar shards in it")
-    return tars
+        raise DataError(f"{root}: not a folder of {kind}")
+    found = sorted(root.glob(f"*.{ext}"))
+    if not found:
+        raise DataError(f"{root}: no .{ext} {noun} in it")
+    return found
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    return _files(folder, "tar", "shards", "shards")
 
 
 def index_shards(folder: str | Path) -> list[Pair]:
@@ -172,13 +177,7 @@ class FeatureSet:
 
 
 def _parquet_files(folder: str | Path) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder of Parquet files")
-    files = sorted(root.glob("*.parquet"))
-    if not files:
-        raise DataError(f"{root}: no .parquet files in it")
-    return files
+    return _files(folder, "parquet", "Parquet files", "files")
 
 
 def _matrix(column) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dgaug.models.runtime import cpu_threads
 from dgaug.trainer.config import TrainConfig
 from dgaug.trainer.data import (
     DataError,
@@ -68,19 +68,6 @@ def resolve_model(cfg: TrainConfig) -> str:
     raise DataError("train.model: required (an open_clip spec such as ViT-B-16:openai)")
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -111,7 +98,8 @@ def train(
         cfg.checkpoint_every,
         cfg.keep_checkpoints,
     )
-    with _threads(cfg.cpu_threads):
+    # The loaders and the probe run on the CPU whatever the device: pin threads there.
+    with cpu_threads(cfg.cpu_threads, torch.device("cpu")):
         runner = {"clip": _train_clip, "probe": _train_probe, "coop": _train_coop}[cfg.mode]
         result = runner(cfg, model, fp, settings, on_step, phase)
     _write_json(output / TRAIN_JSON, _train_record(cfg, model, fp, result))

@@ -99,6 +99,11 @@ def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> str:
     from dgaug.stages.download import synthetic
 
     out = storage.path(EVAL_DIR)
+    images = os.path.join(out, "images")
+    # Written once per count, not re-checked image by image on every run and plan.
+    done = Path(out, "_SUCCESS")
+    if done.exists() and done.read_text().strip() == str(src.eval_images):
+        return images
     # A run killed inside an atomic write leaves `.NAME.PID.tmp` here, outside _dgaug's scratch.
     for stale in Path(out).rglob(".*.tmp") if os.path.isdir(out) else ():
         stale.unlink(missing_ok=True)
@@ -109,7 +114,8 @@ def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> str:
         image_size=src.image_size,
         **_names(src),
     )
-    return os.path.join(out, "images")
+    done.write_text(f"{src.eval_images}\n")
+    return images
 
 
 EVAL_SEED_OFFSET = 1_000_003  # any fixed offset: only its difference from the run's seed matters
