@@ -41,3 +41,30 @@ def ray_session():
         log_to_driver=False,
     )
     return ray
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server on 127.0.0.1 for the session, and the environment that points
+    dgaug (and every process it starts, Ray workers included) at it."""
+    from tests.helpers import S3_ENV, s3_server
+
+    with s3_server() as endpoint:
+        saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A new, empty bucket on the session's S3 server; yields its name."""
+    from tests.helpers import new_bucket
+
+    return new_bucket(request.node.name)

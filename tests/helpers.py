@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,3 +76,62 @@ def dgaug_process(*args: str, cwd: Path, text: bool = False) -> subprocess.Popen
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+# The credentials the S3 tests hand dgaug through the environment; moto accepts any pair.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "dgaug-test-key",
+    "AWS_SECRET_ACCESS_KEY": "dgaug-test-secret-0b5c1e",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) in its own process on 127.0.0.1; yields
+    its endpoint URL. dgaug finds it as any S3-compatible store: AWS_ENDPOINT_URL and the
+    credentials in the environment (set by the caller: see S3_ENV)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(endpoint, timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def new_bucket(hint: str) -> str:
+    """Make a new, empty bucket on the S3 server of AWS_ENDPOINT_URL; returns its name."""
+    import re
+    import uuid
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", hint.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    return bucket

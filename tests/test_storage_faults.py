@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -145,13 +146,22 @@ def test_disk_full_midway_stops_cleanly_then_resumes_identically(tmp_path, small
 
 
 def test_full_disk_while_taking_the_lock_leaves_no_empty_lock(tmp_path: Path, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    import builtins
 
-    monkeypatch.setattr(json, "dump", full)
+    class FullDisk(io.FileIO):
+        def write(self, data):  # the device fills while the lock record is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_on_full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            return FullDisk(path, "w")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("dgaug.pipeline.storage.open", open_on_full_disk, raising=False)
     with pytest.raises(OSError):
         RunLock(Storage(str(tmp_path))).acquire()
     assert not (tmp_path / LOCK_REL).exists()
+    assert not [p.name for p in (tmp_path / "_dgaug").iterdir() if p.name.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------------- concurrency

@@ -11,7 +11,7 @@ def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
     from dgaug.models.errors import ModelError
     from dgaug.pipeline.lock import LockHeld
     from dgaug.pipeline.run import FingerprintMismatch
-    from dgaug.pipeline.storage import StorageError, disk_full
+    from dgaug.pipeline.storage import StorageError, disk_full, store_problem
     from dgaug.stages.download.urls import SourceError
 
     if isinstance(e, ModelError):
@@ -24,6 +24,9 @@ def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
         ]
     if isinstance(e, StorageError):
         return exitcodes.INVALID, [f"error: {e}"]
+    problem = store_problem(e, "")
+    if problem is not None:  # an object store failing after the start-up check passed
+        return exitcodes.FAILED, [f"error: {problem.removeprefix('output : ')}"]
     if isinstance(e, LockHeld):
         return exitcodes.REFUSED, [f"error: {e}"]
     if isinstance(e, FingerprintMismatch):

@@ -48,9 +48,17 @@ def _sha256(path: str) -> str:
 
 
 def run_attempt(
-    stage: Stage, task: ShardTask, ctx: StageContext, fp_record: dict[str, Any]
+    stage: Stage,
+    task: ShardTask,
+    ctx: StageContext,
+    fp_record: dict[str, Any],
+    *,
+    node: str | None = None,
 ) -> Outcome:
-    """Process `task` once. Never raises for a failure of the shard: it is recorded and returned."""
+    """Process `task` once. Never raises for a failure of the shard: it is recorded and returned.
+
+    `node` names the cluster node doing it (the Ray executor's), for the marker.
+    """
     ledger = Ledger(ctx.storage)
     stage_dir = stage.output_dir
     shard = task.shard_id
@@ -90,6 +98,8 @@ def run_attempt(
             "pid": os.getpid(),
             "dgaug_version": __version__,
         }
+        if node:
+            marker["node"] = node
         ledger.write_marker(stage_dir, shard, marker)
         ledger.clear_failure(stage_dir, shard)
         return Outcome(
@@ -106,7 +116,14 @@ def run_attempt(
             "shard %s/%05d failed (attempt %d): %s", stage.name, shard, attempts, error
         )
         record_failure(
-            ctx, stage, shard, error, type(e).__name__, tb=traceback.format_exc(), duration=duration
+            ctx,
+            stage,
+            shard,
+            error,
+            type(e).__name__,
+            tb=traceback.format_exc(),
+            duration=duration,
+            node=node,
         )
         return Outcome(stage.name, shard, False, 0, {}, error, attempts, duration)
     finally:
@@ -124,6 +141,7 @@ def record_failure(
     duration: float = 0.0,
     host: str | None = None,
     pid: int | None = None,
+    node: str | None = None,
 ) -> int:
     """Write `S/_state/{i}.error.json` (attempts counted across runs); returns the attempt count."""
     ledger = Ledger(ctx.storage)
@@ -145,6 +163,7 @@ def record_failure(
                 "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": host or socket.gethostname(),
                 "pid": pid or os.getpid(),
+                **({"node": node} if node else {}),
             },
         )
     except OSError as e:  # one line: the failure itself is in the run's summary

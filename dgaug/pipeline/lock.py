@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from dgaug.pipeline.storage import DGAUG_DIR, Storage
+from dgaug.pipeline.storage import DGAUG_DIR, Storage, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -22,29 +22,13 @@ LOCK_REL = f"{DGAUG_DIR}/lock.json"
 GUARD_REL = f"{DGAUG_DIR}/lock.guard"  # flocked while a run takes the lock (local outputs)
 
 
-def _create_whole(path: str, record: dict[str, Any]) -> None:
-    """Create `path` holding `record` as JSON, or raise FileExistsError: exclusive, never seen
-    empty.
-
-    The JSON goes to a temporary file first, then a hard link gives it the name (atomic, and it
-    fails if the name exists), so `dgaug status` or a second run never reads a half-made lock; a
-    full disk fails before the name exists, leaving no empty lock behind. Call it holding the
-    guard.
-    """
-    folder, name = os.path.split(path)
-    # Only one process is here at a time (the guard): any other such temporary is a dead run's.
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Remove `.NAME.*.tmp` left by a run killed while creating the lock. Call it holding the
+    guard: only one process is creating at a time, so any such file is a dead run's."""
     for stale in os.listdir(folder):
         if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, stale))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.link(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 class LockHeld(Exception):
@@ -57,16 +41,6 @@ class LockHeld(Exception):
             f"started {holder.get('started_at')} (lock {path}/{LOCK_REL}). Wait for it to finish, "
             "or stop it; a lock whose run died is detected and taken over automatically."
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _proc_start_ticks(pid: int) -> str | None:
@@ -100,6 +74,8 @@ def _acquiring(guard: str) -> Iterator[None]:
 class RunLock:
     """Context manager: acquire on enter (or raise LockHeld), heartbeat while held, release on exit."""
 
+    settle_s: float = 0.5  # object stores: how long to wait before reading the lock back
+
     def __init__(
         self, storage: Storage, *, stale_after_s: float = 120.0, heartbeat_s: float = 15.0
     ):
@@ -124,7 +100,7 @@ class RunLock:
     def is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") == socket.gethostname():
             pid = int(holder.get("pid", -1))
-            if pid <= 0 or not _pid_alive(pid):
+            if pid <= 0 or not pid_alive(pid):
                 return True
             start = holder.get("proc_start")
             return start is not None and _proc_start_ticks(pid) not in (None, start)
@@ -141,37 +117,38 @@ class RunLock:
 
     def acquire(self) -> None:
         self.storage.makedirs(DGAUG_DIR)
-        record = self._record()
         if self.storage.is_local:
-            path = self.storage.path(LOCK_REL)
             # Serialized: two runs that both find a stale lock would otherwise both take it over,
             # the later one removing the lock the earlier one had just made.
             with _acquiring(self.storage.path(GUARD_REL)):
-                for _ in range(2):
-                    try:
-                        _create_whole(path, record)
-                    except FileExistsError:
-                        holder = self.read_holder() or {}
-                        if holder and not self.is_stale(holder):
-                            raise LockHeld(holder, self.storage.root) from None
-                        self._take_over(holder)
-                        continue
-                    break
-                else:
-                    raise LockHeld(self.read_holder() or {}, self.storage.root)
+                _remove_stale_temporaries(self.storage.path(DGAUG_DIR), os.path.basename(LOCK_REL))
+                self._create()
         else:
-            holder = self.read_holder()
-            if holder is not None and holder and not self.is_stale(holder):
-                raise LockHeld(holder, self.storage.root)
-            if holder is not None:
-                self._take_over(holder)
-            self.storage.write_json(LOCK_REL, record)
-            # Object stores have no exclusive create: read back to learn who won a race.
-            time.sleep(0.2)
+            self._create()
+            # No guard spans hosts: a run that took over a stale lock just before us could have
+            # removed ours, or a store without conditional writes let both PUTs through. The
+            # lock is the object that is there once the writes settle.
+            time.sleep(self.settle_s)
             if (self.read_holder() or {}).get("token") != self.token:
                 raise LockHeld(self.read_holder() or {}, self.storage.root)
         self._thread = threading.Thread(target=self._beat, name="dgaug-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def _create(self) -> None:
+        """Create the lock file exclusively; take over a stale one (once); else LockHeld.
+
+        The record is whole when the name appears (a hard link locally, one conditional PUT on
+        S3), so `dgaug status` or a second run never reads a half-made lock.
+        """
+        data = json.dumps(self._record()).encode()
+        for _ in range(2):
+            if self.storage.create_exclusive(LOCK_REL, data) is not False:
+                return
+            holder = self.read_holder() or {}
+            if holder and not self.is_stale(holder):
+                raise LockHeld(holder, self.storage.root)
+            self._take_over(holder)
+        raise LockHeld(self.read_holder() or {}, self.storage.root)
 
     def _take_over(self, holder: dict[str, Any]) -> None:
         log.warning(

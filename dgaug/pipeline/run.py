@@ -173,6 +173,7 @@ def run_pipeline(
     """Run (or resume) the manifest's stage graph. Raises LockHeld, FingerprintMismatch, ManifestError."""
     listener = listener or RunListener()
     storage = Storage(manifest.output)
+    storage.check()
     started = time.time()
     with RunLock(storage) as lock:
         cleaned = storage.clean_scratch()

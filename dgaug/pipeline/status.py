@@ -48,6 +48,7 @@ class OutputStatus:
 
 def read_status(output: str) -> OutputStatus:
     storage = Storage(output)
+    storage.check()
     try:
         plan = storage.read_json(PLAN_REL)
     except FileNotFoundError:

@@ -52,7 +52,41 @@ def atomic_write_local(path: str, data: bytes) -> None:
 
 
 class StorageError(Exception):
-    """The output location cannot be opened (unknown protocol, its fsspec package missing)."""
+    """The output location cannot be opened (unknown protocol, its fsspec package missing, an
+    object store that cannot be reached, a missing bucket, refused credentials)."""
+
+
+# Exception class names of botocore / aiobotocore (s3fs) and gcsfs/adlfs cousins, matched by name
+# so that this module imports none of them.
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId")
+
+
+def store_problem(exc: BaseException, root: str) -> str | None:
+    """One line saying why the object store at `root` refused us, or None if `exc` is not that:
+    an unreachable endpoint, missing or refused credentials, a bucket that does not exist."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        text = (str(e).splitlines() or [name])[0][:300]
+        if name in _UNREACHABLE:
+            return f"output {root}: cannot reach the object store: {text}"
+        if (
+            name in _NO_CREDENTIALS
+            or "InvalidAccessKeyId" in text
+            or "SignatureDoesNotMatch" in text
+        ):
+            return (
+                f"output {root}: the object store refused the credentials ({text}). dgaug reads "
+                "them from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE; "
+                "AWS_ENDPOINT_URL for an S3-compatible server) or the node's role."
+            )
+        if isinstance(e, PermissionError) and not e.filename:
+            return f"output {root}: access denied by the object store ({text})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -94,7 +128,12 @@ class Storage:
         except ValueError as e:  # "Protocol not known: x"
             raise StorageError(f"output {self.root}: {e}") from None
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.protocols: tuple[str, ...] = tuple(protocols)
         self.is_local = "file" in protocols or "local" in protocols
+        if not self.is_local:
+            # Other processes (Ray workers, another host) write here: a cached listing would hide
+            # their shards and markers from this one.
+            self.fs, base = fsspec.core.url_to_fs(self.root, use_listings_cache=False)
         self.base = os.path.abspath(base) if self.is_local else base.rstrip("/")
 
     def __repr__(self) -> str:
@@ -105,6 +144,24 @@ class Storage:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"])
+
+    def check(self) -> None:
+        """Fail early, in one line, if an object store output cannot be used: its endpoint is
+        unreachable, the credentials are refused, or the bucket does not exist."""
+        if self.is_local:
+            return
+        try:
+            self.fs.ls(self.base, detail=False, refresh=True)
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():
+                top = self.base.split("/", 1)[0]
+                raise StorageError(
+                    f"output {self.root}: the bucket {top!r} does not exist; create it first, or "
+                    "fix `output`"
+                ) from None
+            # Only the output folder is missing: the run's first write makes it.
+        except Exception as e:
+            raise StorageError(store_problem(e, self.root) or f"output {self.root}: {e}") from None
 
     # -- paths
     def path(self, rel: str = "") -> str:
@@ -161,6 +218,42 @@ class Storage:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool | None:
+        """Create `rel` holding `data` only if it does not exist: True if made, False if it
+        existed. None where the store offers no conditional create (the object was written
+        anyway; the caller must read it back to learn whether another writer won).
+
+        Local: a temporary file hard-linked into place (atomic, fails if the name exists, never
+        seen empty). S3 and compatible stores: a PUT with `If-None-Match: *`.
+        """
+        if self.is_local:
+            path = self.path(rel)
+            folder, name = os.path.split(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            return True
+        try:
+            self.fs.pipe_file(self.path(rel), data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, ValueError):
+            self.fs.pipe_file(self.path(rel), data)  # this store knows no create mode
+            return None
+        # s3fs sends If-None-Match: *, which the store decides atomically; fsspec's generic
+        # create mode checks existence first and then writes, which two writers can both pass.
+        return True if "s3" in self.protocols else None
+
     def commit_file(self, local_path: str, rel: str) -> None:
         """Move a finished local file to `rel`, so that `rel` appears only whole."""
         if self.is_local:
@@ -177,7 +270,24 @@ class Storage:
                 os.replace(tmp, dest)
             _fsync_dir(os.path.dirname(dest))
         else:
+            # One object: a single PUT, or a multipart upload that the store shows only once it
+            # is completed, so a reader never sees part of it. A killed upload leaves no object.
             self.fs.put_file(local_path, self.path(rel))
+
+    def upload_tree(self, local_dir: str, rel: str) -> int:
+        """Copy the files under `local_dir` to `rel/` (same relative paths); returns the count."""
+        n = 0
+        for folder, _, names in os.walk(local_dir):
+            for name in sorted(names):
+                src = os.path.join(folder, name)
+                dest = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                if self.is_local:
+                    os.makedirs(os.path.dirname(self.path(f"{rel}/{dest}")), exist_ok=True)
+                    shutil.copyfile(src, self.path(f"{rel}/{dest}"))
+                else:
+                    self.fs.put_file(src, self.path(f"{rel}/{dest}"))
+                n += 1
+        return n
 
     def remove(self, rel: str) -> None:
         try:
@@ -206,12 +316,12 @@ class Storage:
             d = Path(self.path(TMP_DIR)) / token
             d.mkdir(parents=True, exist_ok=False)
             return str(d)
-        return tempfile.mkdtemp(prefix=f"dgaug-{token}-")
+        return tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{token}-")
 
     def clean_scratch(self) -> int:
         """Remove what killed runs left in the scratch folder; returns how many entries went."""
         if not self.is_local:
-            return 0
+            return clean_dead_local_scratch()
         root = self.path(TMP_DIR)
         entries = os.listdir(root) if os.path.isdir(root) else []
         for e in entries:
@@ -239,3 +349,35 @@ class Storage:
                 self.remove(f"{rel}/{name}")
                 n += 1
         return n
+
+
+_SCRATCH_PREFIX = "dgaug-"
+
+
+def clean_dead_local_scratch() -> int:
+    """Remove this machine's scratch folders (object store outputs) whose process is gone.
+
+    Each is `dgaug-<stage>-<shard>.<pid>.<hex>-*` in the temp folder (Storage.scratch_dir); a
+    killed worker runs no `finally`, so on a long run its partial shards would fill the disk.
+    """
+    root = tempfile.gettempdir()
+    n = 0
+    for name in os.listdir(root):
+        if not name.startswith(_SCRATCH_PREFIX):
+            continue
+        parts = name[len(_SCRATCH_PREFIX) :].split(".")
+        if len(parts) < 3 or not parts[1].isdigit() or pid_alive(int(parts[1])):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        n += 1
+    return n
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

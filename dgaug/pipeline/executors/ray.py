@@ -17,7 +17,7 @@ import ray
 from dgaug.pipeline.attempt import Outcome, record_failure, run_attempt
 from dgaug.pipeline.executors.base import Executor, RunListener
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
-from dgaug.pipeline.storage import TMP_DIR, DiskFull, disk_full
+from dgaug.pipeline.storage import TMP_DIR, DiskFull, clean_dead_local_scratch, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,15 @@ class _StageWorker:
         self.stage = stage
         self.ctx = ctx
         self.set_up = False
+        # The Ray node, recorded in each marker: on a cluster several nodes can share a host name.
+        self.node = ray.get_runtime_context().get_node_id()
+        if not ctx.storage.is_local:
+            # Scratch is this node's temp folder: remove what workers killed here left behind.
+            clean_dead_local_scratch()
 
     def ready(self) -> dict[str, Any]:
         # Resolves once the actor has been placed and constructed; says where, for failure records.
-        return {"host": socket.gethostname(), "pid": os.getpid()}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
 
     def run(self, task: ShardTask, fp_record: dict[str, Any]) -> Outcome:
         if not self.set_up:
@@ -55,12 +60,13 @@ class _StageWorker:
                     tb=traceback.format_exc(),
                     host=socket.gethostname(),
                     pid=os.getpid(),
+                    node=self.node,
                 )
                 return Outcome(
                     self.stage.name, task.shard_id, False, error=error, attempts=attempts
                 )
             self.set_up = True
-        return run_attempt(self.stage, task, self.ctx, fp_record)
+        return run_attempt(self.stage, task, self.ctx, fp_record, node=self.node)
 
     def teardown(self) -> None:
         if self.set_up:
@@ -414,6 +420,7 @@ class _Run:
                 type(e).__name__,
                 host=where.get("host"),
                 pid=where.get("pid"),
+                node=where.get("node"),
             )
             log.warning("shard %s/%05d: %s", task.stage, task.shard_id, error)
             # Its state is unknown, or it is gone: a fresh actor takes the next task.

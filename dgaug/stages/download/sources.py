@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -91,31 +92,42 @@ def _names(src: SyntheticSource) -> dict[str, list[str]]:
 EVAL_DIR = "eval"
 
 
-def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> str:
+def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> None:
     """The demo's held-out evaluation set: OUTPUT/eval/images/<style>/<class>/*.jpg.
 
     Drawn like the run's images but from another seed, so no evaluation image is a training one.
+    Written once per count (`eval/_SUCCESS` holds it), not re-checked image by image on every run
+    and plan. An object store output gets them drawn locally, then uploaded, `_SUCCESS` last.
     """
     from dgaug.stages.download import synthetic
 
-    out = storage.path(EVAL_DIR)
-    images = os.path.join(out, "images")
-    # Written once per count, not re-checked image by image on every run and plan.
-    done = Path(out, "_SUCCESS")
-    if done.exists() and done.read_text().strip() == str(src.eval_images):
-        return images
-    # A run killed inside an atomic write leaves `.NAME.PID.tmp` here, outside _dgaug's scratch.
-    for stale in Path(out).rglob(".*.tmp") if os.path.isdir(out) else ():
-        stale.unlink(missing_ok=True)
-    synthetic.write_synthetic_dataset(
-        out,
-        num_images=src.eval_images,
-        seed=seed + EVAL_SEED_OFFSET,
-        image_size=src.image_size,
-        **_names(src),
-    )
-    done.write_text(f"{src.eval_images}\n")
-    return images
+    done = f"{EVAL_DIR}/_SUCCESS"
+    try:
+        if storage.read_text(done).strip() == str(src.eval_images):
+            return
+    except FileNotFoundError:
+        pass
+    if storage.is_local:
+        out = storage.path(EVAL_DIR)
+        # A run killed inside an atomic write leaves `.NAME.PID.tmp` here, outside _dgaug's scratch.
+        for stale in Path(out).rglob(".*.tmp") if os.path.isdir(out) else ():
+            stale.unlink(missing_ok=True)
+    else:
+        out = tempfile.mkdtemp(prefix="dgaug-eval-")
+    try:
+        synthetic.write_synthetic_dataset(
+            out,
+            num_images=src.eval_images,
+            seed=seed + EVAL_SEED_OFFSET,
+            image_size=src.image_size,
+            **_names(src),
+        )
+        if not storage.is_local:
+            storage.upload_tree(out, EVAL_DIR)
+    finally:
+        if not storage.is_local:
+            shutil.rmtree(out, ignore_errors=True)
+    storage.write_text(done, f"{src.eval_images}\n")
 
 
 EVAL_SEED_OFFSET = 1_000_003  # any fixed offset: only its difference from the run's seed matters
