@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow soak lint format bench gpu-wheels clean
+.PHONY: help install demo report-screenshot test test-slow soak lint format bench scaling gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## install dgaug and its dev tools into .venv with uv
 
-demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo-output, then train and evaluate
+demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo-output, train and evaluate, then write its report
 	$(BIN)/dgaug run manifests/demo.yaml
 	$(BIN)/dgaug train manifests/demo.yaml
+	$(BIN)/dgaug report manifests/demo.yaml
+
+report-screenshot: $(STAMP)  ## re-take docs/report.png, the README's picture of the demo report (needs chromium)
+	$(BIN)/dgaug report manifests/demo.yaml
+	chromium --headless --no-sandbox --hide-scrollbars --user-data-dir=$$(mktemp -d) \
+	  --screenshot=docs/report.png --window-size=1280,1600 file://$(CURDIR)/demo-output/report/index.html
 
 test: $(STAMP)  ## run the test suite (no network, no GPU)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -42,6 +48,9 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 bench: $(STAMP)  ## run the CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/edsam.py
+
+scaling: $(STAMP)  ## the demo graph on Ray with 1, 2 and 4 workers per stage, and the GPU-hours estimate
+	$(BIN)/python bench/scaling.py
 
 # The lent GPU machine has Python 3.12 with torch and transformers but not these: bench/edsam_gpu.sh
 # installs them from .whl/ (git-ignored), which travels with the call (carry: [.whl]).

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from dgaug.cli import exitcodes
+from dgaug.cli.report import report
 
 app = typer.Typer(
     name="dgaug",
@@ -340,6 +341,9 @@ def train(
     except CheckpointMismatch as e:
         raise _fail(exitcodes.REFUSED, f"error: {e}") from None
     print_train_result(result)
+
+
+app.command()(report)
 
 
 def main() -> None:

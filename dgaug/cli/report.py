@@ -1,0 +1,88 @@
+"""`dgaug report`: the run's augmentations, feature space and progress as an HTML page and PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dgaug.cli import exitcodes
+
+# Defined again here rather than imported from app.py, which imports this module to register it.
+ManifestArg = Annotated[
+    Path, typer.Argument(help="Manifest YAML, e.g. manifests/cc12m.yaml.", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a manifest field: --set output=s3://bucket/run (repeatable; YAML values).",
+        show_default=False,
+    ),
+]
+
+
+def report(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder for index.html and the PNGs (local or fsspec URL); default OUTPUT/report.",
+            show_default=False,
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(min=0, help="Source images in the contact sheet, each with its samples.")
+    ] = 8,
+    max_points: Annotated[
+        int, typer.Option(min=0, help="Points in the feature-space projection, at most.")
+    ] = 5000,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Seed of the drawn images and points; default the manifest's.",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    """Write a self-contained HTML page and PNG figures about the run: originals beside their ED-SAM
+    samples (with α and score), a 2-D projection of real, ED-SAM and LDFS features, shards and
+    throughput per stage, failures, and the training and evaluation results.
+
+    Works on a partial or running run (a section with nothing yet says so) and on object storage:
+    everything is read and written through the output's filesystem. Prints the page's path.
+    Exits 2 when the manifest is invalid or its output does not exist.
+    """
+    from dgaug.cli.app import _fail, _load, _setup_logging
+
+    m = _load(manifest, set_)
+    _setup_logging(verbose)
+    from dgaug.cli.errors import user_error_message
+    from dgaug.report.build import NothingToReport, build_report
+
+    try:
+        result = build_report(
+            m.output,
+            dest=output,
+            title=f"dgaug report: {m.name}" if m.name else None,
+            samples=samples,
+            max_points=max_points,
+            seed=m.seed if seed is None else seed,
+        )
+    except KeyboardInterrupt:
+        raise _fail(exitcodes.INTERRUPTED, "interrupted") from None
+    except NothingToReport as e:
+        raise _fail(exitcodes.INVALID, f"error: {e}; run `dgaug run {manifest}` first") from None
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        raise _fail(*msg) from None
+    print(result.index)

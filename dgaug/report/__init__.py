@@ -1,0 +1,1 @@
+"""`dgaug report`: a run's augmentations, feature space and progress on one self-contained HTML page."""
