@@ -133,7 +133,13 @@ def test_run_on_a_cluster_survives_losing_a_worker_node(cluster, reference, tmp_
         "kind": "ray",
         "address": c.address,
         "resources": {
-            "download": {"workers": 1, "num_cpus": 0.5},
+            # The synthetic source's files are on the driver's machine: download runs on the
+            # head node (docs/cluster.md says so for sources that are local files).
+            "download": {
+                "workers": 1,
+                "num_cpus": 0.5,
+                "custom": {"node:__internal_head__": 0.001},
+            },
             # Stand-ins for GPUs: only the worker nodes have `fake_gpu`.
             **{s: {"workers": 2, "num_cpus": 0.5, "custom": {"fake_gpu": 1}} for s in MODEL_STAGES},
         },
@@ -170,6 +176,8 @@ def test_run_on_a_cluster_survives_losing_a_worker_node(cluster, reference, tmp_
     for stage in MODEL_STAGES:
         nodes = [markers[f"{stage}/_state/{i:05d}.json"]["node"] for i in range(SHARDS)]
         assert set(nodes) <= worker_ids, (stage, nodes)
+    downloads = {markers[f"real/_state/{i:05d}.json"]["node"] for i in range(SHARDS)}
+    assert downloads == {c.head_node.node_id}
     # The lost shard was retried, on the node that is left.
     lost = markers[f"edsam/_state/{lost_shard:05d}.json"]
     assert lost["attempts"] >= 2 and lost["node"] == survivor.node_id, lost

@@ -96,3 +96,35 @@ def test_readme_open_clip_command_trains_on_real_and_edsam_through_mix() -> None
     for part, stage in zip(parts, ["real", "edsam"], strict=True):
         names = [n.removeprefix("demo-output/mix/") for n in braceexpand(part)]
         assert names == [f"{stage}-{i:05d}.tar" for i in range(want)]
+
+
+CLUSTER_DOC = (REPO / "docs" / "cluster.md").read_text()
+
+
+def test_cluster_walkthrough_manifest_is_valid_and_asks_for_gpus() -> None:
+    from dgaug.pipeline.manifest import validate
+
+    blocks = re.findall(r"```yaml\n(.*?)```", CLUSTER_DOC, flags=re.S)
+    manifests = [yaml.safe_load(b) for b in blocks if b.lstrip().startswith("name:")]
+    assert len(manifests) == 1
+    m = validate(manifests[0])
+    assert m.output.startswith("s3://") and m.executor.kind == "ray"
+    assert m.executor.address == "auto"
+    edsam = m.resources_for("edsam", StageResources(workers=1, num_cpus=1, num_gpus=0))
+    assert edsam.num_gpus == 1 and edsam.workers is None
+
+
+def test_cluster_walkthrough_names_only_real_commands_and_options() -> None:
+    from typer.main import get_command
+
+    from dgaug.cli.app import app
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    used = re.findall(r"\bdgaug (run|status|validate|plan|train|report|[a-z]+)\b", CLUSTER_DOC)
+    named = {u for u in used if u in {"run", "status", "validate", "plan", "train", "report"}}
+    assert {"run", "status"} <= named
+    assert named <= set(commands), named - set(commands)
+    # The head-node pin the page recommends is a valid resources entry.
+    pin = re.search(r"`download: (\{custom: .*?\})`", CLUSTER_DOC)
+    assert pin is not None
+    ExecutorConfig.model_validate({"resources": {"download": yaml.safe_load(pin.group(1))}})

@@ -187,9 +187,13 @@ def print_status(st: OutputStatus, max_errors: int = 10) -> None:
         for shard, rec in sorted(s.errors.items()):
             if shown >= max_errors:
                 break
+            # Where it failed: several Ray nodes of one machine or pod share a host name.
+            where = rec.get("host") or "?"
+            if rec.get("node"):
+                where += f", node {str(rec['node'])[:12]}"
             out.print(
                 f"  {s.name} {shard:05d}: {rec.get('error')} (attempts {rec.get('attempts')}, "
-                f"{rec.get('failed_at')})",
+                f"{rec.get('failed_at')}, on {where})",
                 markup=False,
             )
             shown += 1
