@@ -36,12 +36,13 @@ MARKER_FIELDS = ("status", "samples", "counts", "failures", "outputs", "fingerpr
 def _manifest(output: str, executor: dict[str, Any]) -> dict[str, Any]:
     d = tiny_manifest_dict(output, shard_size=6)
     d["executor"] = {"max_attempts": 3, **executor}
+    # 12 steps: an ED-SAM shard lasts seconds, so the node is lost while one is running.
     d["stages"]["edsam"] = {
         "model": "tiny-random",
         "device": "cpu",
         "cpu_threads": 1,
         "samples_per_image": 2,
-        "steps": 2,
+        "steps": 12,
         "image_size": 32,
     }
     d["stages"]["features"] = {"model": "tiny-random", "device": "cpu", "cpu_threads": 1}

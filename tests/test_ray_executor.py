@@ -396,7 +396,18 @@ def test_gpu_stage_without_a_worker_count_gets_one_actor_per_gpu(ray_session, tm
     assert all(len(ids) == 1 for ids in gpu_ids)  # Ray gave each actor its own GPU
 
 
-def test_interrupt_kills_the_actors(ray_session, tmp_path, events):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal. A suite started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python keeps it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_kills_the_actors(ray_session, tmp_path, events, ctrl_c_raises):
     m = _manifest(tmp_path)
     stage = BusyStage(m, events, workers=2, custom={"toy": 1}, driver_pid=os.getpid())
     with pytest.raises(KeyboardInterrupt):
