@@ -111,6 +111,9 @@ def test_run_commits_every_shard_and_marker_to_the_bucket(s3_run: S3Run) -> None
     assert not [k for k in objects if k.endswith(".tmp") or "/tmp/" in k]
     assert not (s3_run.cwd / s3_run.bucket).exists()
     assert "s3://" in s3_run.result.stdout
+    # The run's log is uploaded when it ends.
+    logs = [k for k in objects if k.startswith("_dgaug/logs/run-") and k.endswith(".log")]
+    assert len(logs) == 1 and b"edsam" in objects[logs[0]]
 
 
 def test_credentials_from_the_environment_are_nowhere_in_the_output(s3_run: S3Run) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,6 +89,7 @@ class _RunLogFile(logging.FileHandler):
     instead of printing a traceback for every record."""
 
     broken = False
+    upload_to: tuple[Any, str] | None = None  # (Storage, rel): where the local file goes at the end
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
         if self.broken:
@@ -104,21 +107,42 @@ class _RunLogFile(logging.FileHandler):
             super().emit(record)
 
 
-def _file_log(output: str) -> logging.Handler | None:
+def _file_log(output: str) -> _RunLogFile:
+    """The run's log, OUTPUT/_dgaug/logs/run-<time>.log. An object store output gets it written
+    locally and uploaded when the run ends (_close_file_log)."""
+    import tempfile
+
     from dgaug.pipeline.storage import DGAUG_DIR, Storage
 
     storage = Storage(output)
-    if not storage.is_local:
-        return None
-    logs = Path(storage.path(f"{DGAUG_DIR}/logs"))
-    logs.mkdir(parents=True, exist_ok=True)
-    h = _RunLogFile(logs / time.strftime("run-%Y%m%d-%H%M%S.log"))
+    name = time.strftime("run-%Y%m%d-%H%M%S.log")
+    if storage.is_local:
+        logs = Path(storage.path(f"{DGAUG_DIR}/logs"))
+        logs.mkdir(parents=True, exist_ok=True)
+        h = _RunLogFile(logs / name)
+    else:
+        h = _RunLogFile(Path(tempfile.mkdtemp(prefix="dgaug-log-")) / name)
+        h.upload_to = (storage, f"{DGAUG_DIR}/logs/{name}")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     h.setLevel(logging.INFO)
     lg = logging.getLogger("dgaug")
     lg.addHandler(h)
     lg.setLevel(logging.INFO)
     return h
+
+
+def _close_file_log(h: _RunLogFile) -> None:
+    logging.getLogger("dgaug").removeHandler(h)
+    h.close()
+    if h.upload_to is None:
+        return
+    storage, rel = h.upload_to
+    try:
+        storage.commit_file(h.baseFilename, rel)
+    except Exception as e:  # the run's own result is what matters; the log is a convenience
+        _console().print(f"warning: could not upload the run log to {storage.url(rel)}: {e}")
+    finally:
+        shutil.rmtree(os.path.dirname(h.baseFilename), ignore_errors=True)
 
 
 @app.command()
@@ -160,6 +184,10 @@ def run(
     except KeyboardInterrupt:
         raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
     except Exception as e:
+        from dgaug.pipeline.storage import StorageError, store_problem
+
+        if handler is not None and (isinstance(e, StorageError) or store_problem(e, "")):
+            handler.upload_to = None  # the store is what failed: nowhere to put the log
         msg = user_error_message(e)
         if msg is None:
             raise
@@ -167,8 +195,7 @@ def run(
         raise _fail(code, text) from None
     finally:
         if handler:
-            logging.getLogger("dgaug").removeHandler(handler)
-            handler.close()
+            _close_file_log(handler)
     print_run_summary(summary)
     raise typer.Exit(exitcodes.OK if summary.ok else exitcodes.FAILED)
 
