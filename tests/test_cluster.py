@@ -177,6 +177,8 @@ def test_run_on_a_cluster_survives_losing_a_worker_node(cluster, reference, tmp_
     for stage in MODEL_STAGES:
         nodes = [markers[f"{stage}/_state/{i:05d}.json"]["node"] for i in range(SHARDS)]
         assert set(nodes) <= worker_ids, (stage, nodes)
+    # Every real shard was made on the head and every ED-SAM shard on a worker node: each one
+    # crossed nodes through the bucket (and the bytes below match).
     downloads = {markers[f"real/_state/{i:05d}.json"]["node"] for i in range(SHARDS)}
     assert downloads == {c.head_node.node_id}
     # The lost shard was retried, on the node that is left.

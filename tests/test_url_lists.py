@@ -307,3 +307,13 @@ def test_unreadable_parquet_is_a_source_error(tmp_path):
     with pytest.raises(SourceError) as exc:
         check_source(_src(p, input_format="parquet"))
     assert exc.value.problems[0].startswith(f"source.path: cannot read {p}")
+
+
+def test_a_parquet_list_read_as_tsv_says_so(tmp_path):
+    p = tmp_path / "list.parquet"
+    _write_parquet(p, _rows(2))
+    with pytest.raises(SourceError) as exc:
+        check_source(_src(p, input_format="tsv"))
+    assert exc.value.problems == [
+        f"source.path: {p}: a parquet file, not tsv: set source.input_format: parquet"
+    ]

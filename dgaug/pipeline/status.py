@@ -24,6 +24,7 @@ class StageStatus:
     failures: Counter[str] = field(default_factory=Counter)
     errors: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard -> failure record
     stale: int = 0  # committed under another fingerprint
+    markers: dict[int, dict[str, Any]] = field(default_factory=dict)  # the committed shards counted
 
     @property
     def pending(self) -> int:
@@ -70,6 +71,7 @@ def read_status(output: str) -> OutputStatus:
                 st.stale += 1
                 continue
             done_shards.add(shard)
+            st.markers[shard] = m
             st.done += 1
             st.samples += int(m.get("samples", 0))
             st.failures.update(m.get("failures", {}))

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from dgaug.pipeline.ledger import Ledger
 from dgaug.pipeline.status import PLAN_REL, OutputStatus, read_status
 from dgaug.pipeline.storage import Storage
 
@@ -101,7 +100,8 @@ def read_run(output: str) -> RunView:
     # plan.json's keys are sorted by name; the page lists stages in graph order.
     plan = {n: plan[n] for n in sorted(plan, key=_graph_position)}
     status.stages = {n: status.stages[n] for n in sorted(status.stages, key=_graph_position)}
-    markers = _counted_markers(storage, plan)
+    # The markers read_status counted as done (planned shard, the plan's fingerprint).
+    markers = {n: st.markers for n, st in status.stages.items()}
     return RunView(storage, status, plan, markers, read_trainings(storage, problems), problems)
 
 
@@ -110,24 +110,6 @@ def _graph_position(stage: str) -> tuple[int, str]:
 
     order = list(STAGE_CLASSES)
     return (order.index(stage) if stage in order else len(order), stage)
-
-
-def _counted_markers(storage: Storage, plan: dict[str, Any]) -> dict[str, dict[int, dict]]:
-    """The markers read_status counts as done (planned shard, the plan's fingerprint).
-
-    read_status keeps only their sums; the report also needs each shard's time and samples, so the
-    markers are read once more through the same Ledger, with the same rule.
-    """
-    ledger = Ledger(storage)
-    out: dict[str, dict[int, dict]] = {}
-    for name, p in plan.items():
-        shards = set(p.get("shards", []))
-        out[name] = {
-            shard: m
-            for shard, m in ledger.committed(p["output_dir"]).items()
-            if shard in shards and m.get("fingerprint") == p.get("fingerprint")
-        }
-    return out
 
 
 def read_trainings(storage: Storage, problems: list[str]) -> list[Training]:

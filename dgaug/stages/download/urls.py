@@ -92,6 +92,13 @@ def _open(path: str):
     return fsspec.open(path, "rb").open()
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+class NotTextError(ValueError):
+    """A tsv / csv url list that is not text (a parquet file under a text format)."""
+
+
 def _file_columns(src: UrlListSource, path: str) -> list[str]:
     if src.input_format == "parquet":
         with _open(path) as f:
@@ -101,8 +108,13 @@ def _file_columns(src: UrlListSource, path: str) -> list[str]:
     if src.column_names:
         return list(src.column_names)
     with _open(path) as f:
-        # utf-8-sig: pyarrow drops a byte-order mark, so the header check must too.
-        first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
+        line = f.readline()
+    if line.startswith(PARQUET_MAGIC):
+        raise NotTextError(
+            f"a parquet file, not {src.input_format}: set source.input_format: parquet"
+        )
+    # utf-8-sig: pyarrow drops a byte-order mark, so the header check must too.
+    first = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
     if src.input_format == "tsv":
         return first.split("\t")  # unquoted, as CC3M/CC12M publish it (and as _iter_file reads it)
     # csv headers may be quoted ("url","caption"), as pyarrow reads them.
@@ -120,6 +132,9 @@ def check_source(src: UrlListSource) -> list[str]:
             cols = _file_columns(src, p)
         except FileNotFoundError:
             problems.append(f"source.path: file not found: {p}")
+            continue
+        except NotTextError as e:
+            problems.append(f"source.path: {p}: {e}")
             continue
         except Exception as e:  # unreadable for any reason: say which file and why
             problems.append(f"source.path: cannot read {p}: {type(e).__name__}: {e}")
