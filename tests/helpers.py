@@ -23,6 +23,18 @@ RAY_GPU_SLOTS = 2  # logical GPUs of the session Ray: scheduling only, nothing r
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Tiny-random model stages on the CPU, one thread each so that their bytes are reproducible.
+TINY_EDSAM: dict[str, Any] = {
+    "model": "tiny-random",
+    "device": "cpu",
+    "cpu_threads": 1,
+    "samples_per_image": 2,
+    "steps": 2,
+    "image_size": 32,
+}
+TINY_FEATURES: dict[str, Any] = {"model": "tiny-random", "device": "cpu", "cpu_threads": 1}
+
+
 def tiny_manifest_dict(output: Path | str, **overrides: Any) -> dict[str, Any]:
     """A synthetic-source manifest of 3 shards of 8 images at 32 px: the smallest real run."""
     data: dict[str, Any] = {
@@ -135,3 +147,16 @@ def new_bucket(hint: str) -> str:
     bucket = f"{name}-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
     return bucket
+
+
+def s3_fs() -> Any:
+    """An s3fs filesystem on AWS_ENDPOINT_URL that caches no listing: other processes write too."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def s3_objects(prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix` (bucket/path), by path relative to it."""
+    fs = s3_fs()
+    return {p.removeprefix(prefix + "/"): fs.cat_file(p) for p in fs.find(prefix)}

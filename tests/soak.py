@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `tests.helpers` must import
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import tiny_manifest_dict  # noqa: E402
+from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict  # noqa: E402
 
 PIPELINE = ("download", "edsam", "features", "ldfs_fit", "ldfs")
 TARGETS = (*PIPELINE, "train")
@@ -88,20 +88,8 @@ def manifest_dict(output: Path | str, executor: dict[str, Any] | None = None) ->
     and a short `clip` training with a checkpoint every 2 steps."""
     d = tiny_manifest_dict(output, shard_size=SHARD_SIZE)
     d["source"].update(num_images=NUM_IMAGES, eval_images=24)
-    d["stages"]["edsam"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "samples_per_image": 2,
-        "steps": 2,
-        "image_size": 32,
-    }
-    d["stages"]["features"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "batch_size": 32,
-    }
+    d["stages"]["edsam"] = dict(TINY_EDSAM)
+    d["stages"]["features"] = {**TINY_FEATURES, "batch_size": 32}
     d["stages"]["ldfs"] = {
         "source_domain": "photo",
         "targets": ["sketch", "cartoon", "painting"],

@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import REPO, new_bucket, tiny_manifest_dict
+from tests.helpers import (
+    REPO,
+    TINY_EDSAM,
+    TINY_FEATURES,
+    new_bucket,
+    s3_objects,
+    tiny_manifest_dict,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -37,32 +44,14 @@ def _manifest(output: str, executor: dict[str, Any]) -> dict[str, Any]:
     d = tiny_manifest_dict(output, shard_size=6)
     d["executor"] = {"max_attempts": 3, **executor}
     # 12 steps: an ED-SAM shard lasts seconds, so the node is lost while one is running.
-    d["stages"]["edsam"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "samples_per_image": 2,
-        "steps": 12,
-        "image_size": 32,
-    }
-    d["stages"]["features"] = {"model": "tiny-random", "device": "cpu", "cpu_threads": 1}
+    d["stages"]["edsam"] = {**TINY_EDSAM, "steps": 12}
+    d["stages"]["features"] = dict(TINY_FEATURES)
     d["stages"]["ldfs"] = {
         "source_domain": "photo",
         "targets": ["sketch", "cartoon", "painting"],
         "epochs": 2,
     }
     return d
-
-
-def _fs():
-    import s3fs
-
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
-def _objects(prefix: str) -> dict[str, bytes]:
-    fs = _fs()
-    return {p.removeprefix(prefix + "/"): fs.cat_file(p) for p in fs.find(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def reference(s3_endpoint) -> dict[str, bytes]:
 
     prefix = f"{new_bucket('cluster-reference')}/out"
     assert run_pipeline(validate(_manifest(f"s3://{prefix}", {"kind": "local"}))).ok
-    return _objects(prefix)
+    return s3_objects(prefix)
 
 
 def _node_of(pid: int, nodes: list[Any]) -> Any | None:
@@ -169,7 +158,7 @@ def test_run_on_a_cluster_survives_losing_a_worker_node(cluster, reference, tmp_
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out
 
-    got = _objects(prefix)
+    got = s3_objects(prefix)
     markers = {k: json.loads(v) for k, v in got.items() if "/_state/" in k}
     assert not [k for k in markers if k.endswith(".error.json")], "every failure was retried"
     # Placement: model stages only ever ran on nodes with the resource they declared.

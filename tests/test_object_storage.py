@@ -20,7 +20,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import REPO, S3_ENV, loopback_server, new_bucket, tiny_manifest_dict, write_tar
+from tests.helpers import (
+    REPO,
+    S3_ENV,
+    TINY_EDSAM,
+    TINY_FEATURES,
+    loopback_server,
+    new_bucket,
+    s3_fs,
+    s3_objects,
+    tiny_manifest_dict,
+    write_tar,
+)
 
 TAR_STAGES = {"real": 3, "edsam": 3}
 PARQUET_STAGES = {"features": 3}
@@ -29,15 +40,8 @@ PARQUET_STAGES = {"features": 3}
 def _manifest(output: str, **source: Any) -> dict[str, Any]:
     d = tiny_manifest_dict(output)
     d["source"].update(eval_images=12, **source)
-    d["stages"]["edsam"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "samples_per_image": 2,
-        "steps": 2,
-        "image_size": 32,
-    }
-    d["stages"]["features"] = {"model": "tiny-random", "device": "cpu", "cpu_threads": 1}
+    d["stages"]["edsam"] = dict(TINY_EDSAM)
+    d["stages"]["features"] = dict(TINY_FEATURES)
     return d
 
 
@@ -50,18 +54,6 @@ def _dgaug(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproce
         timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
-
-
-def _fs():
-    import s3fs
-
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
-def _objects(prefix: str) -> dict[str, bytes]:
-    """Every object under `prefix` (bucket/path), by path relative to it."""
-    fs = _fs()
-    return {p.removeprefix(prefix + "/"): fs.cat_file(p) for p in fs.find(prefix)}
 
 
 class S3Run:
@@ -85,7 +77,7 @@ def s3_run(s3_endpoint, tmp_path_factory) -> S3Run:
 
 
 def test_run_commits_every_shard_and_marker_to_the_bucket(s3_run: S3Run) -> None:
-    objects = _objects(s3_run.prefix)
+    objects = s3_objects(s3_run.prefix)
     for folder, n in {**TAR_STAGES, **PARQUET_STAGES}.items():
         ext = "tar" if folder in TAR_STAGES else "parquet"
         for i in range(n):
@@ -117,7 +109,7 @@ def test_run_commits_every_shard_and_marker_to_the_bucket(s3_run: S3Run) -> None
 
 
 def test_credentials_from_the_environment_are_nowhere_in_the_output(s3_run: S3Run) -> None:
-    objects = _objects(s3_run.prefix)
+    objects = s3_objects(s3_run.prefix)
     assert "_dgaug/manifest.yaml" in objects
     for rel, data in objects.items():
         for value in (S3_ENV["AWS_SECRET_ACCESS_KEY"], S3_ENV["AWS_ACCESS_KEY_ID"]):
@@ -135,7 +127,7 @@ def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: 
     from dgaug.pipeline.manifest import validate
     from dgaug.pipeline.run import run_pipeline
 
-    before = _objects(s3_run.prefix)
+    before = s3_objects(s3_run.prefix)
     m = validate(yaml.safe_load(s3_run.manifest.read_text()))
     summary = run_pipeline(m)
     assert summary.ok
@@ -145,12 +137,12 @@ def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: 
         "features": (3, 0),
     }
     # A marker is the commit: without it the shard counts as not done, whatever bytes are there.
-    _fs().rm_file(f"{s3_run.prefix}/edsam/_state/00001.json")
+    s3_fs().rm_file(f"{s3_run.prefix}/edsam/_state/00001.json")
     summary = run_pipeline(m)
     assert summary.ok
     assert summary.stages["edsam"].done == 1 and summary.stages["edsam"].skipped == 2
     assert summary.stages["features"].done == 0  # its input's bytes did not change
-    after = _objects(s3_run.prefix)
+    after = s3_objects(s3_run.prefix)
     for rel, data in before.items():
         if rel.endswith((".tar", ".parquet", "sizes.json")):
             assert after[rel] == data, rel
@@ -169,7 +161,7 @@ def test_a_reader_never_sees_a_partial_shard(s3_bucket: str, tmp_path: Path) -> 
     done = threading.Event()
 
     def poll() -> None:
-        fs = _fs()
+        fs = s3_fs()
         while not done.is_set():
             try:
                 seen.append(fs.info(f"{s3_bucket}/out/edsam/00000.tar")["size"])
@@ -273,7 +265,7 @@ def test_url_list_and_shards_sources_are_read_from_the_bucket(
         def log_message(self, *args: Any) -> None:
             pass
 
-    fs = _fs()
+    fs = s3_fs()
     with loopback_server(Images) as base:
         table = pa.table(
             {
@@ -361,7 +353,7 @@ def test_report_of_the_bucket_run_is_written_to_the_bucket(s3_run: S3Run, tmp_pa
     r = _dgaug("report", str(s3_run.manifest), "--samples", "3", cwd=s3_run.cwd)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"{s3_run.url}/report/index.html"
-    objects = _objects(f"{s3_run.prefix}/report")
+    objects = s3_objects(f"{s3_run.prefix}/report")
     assert sorted(objects) == ["contact.png", "index.html", "projection.png", "throughput.png"]
     page = objects["index.html"].decode()
     # Self-contained: the 3 sources with their 2 samples each are embedded, as are the figures.

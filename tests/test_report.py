@@ -26,9 +26,11 @@ from dgaug.report.collect import read_run
 from dgaug.report.contact import build_sheet, format_alpha, sample_tile
 from dgaug.report.projection import _share, project
 from tests import chromium
-from tests.helpers import tiny_manifest_dict
+from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# What the report of the test run writes: the page, and the figures it embeds and keeps beside it.
+REPORT_FILES = ["contact.png", "index.html", "loss-probe.png", "projection.png", "throughput.png"]
 EVIL = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> & $x^2$'
 
 # Every image decoded, every table with filled body rows, and what else the checks need.
@@ -58,20 +60,8 @@ def run_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     d = tiny_manifest_dict(root / "out", name="report-test")
     d["source"].update(eval_images=48)
-    d["stages"]["edsam"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "samples_per_image": 2,
-        "steps": 2,
-        "image_size": 32,
-    }
-    d["stages"]["features"] = {
-        "model": "tiny-random",
-        "device": "cpu",
-        "cpu_threads": 1,
-        "batch_size": 32,
-    }
+    d["stages"]["edsam"] = dict(TINY_EDSAM)
+    d["stages"]["features"] = {**TINY_FEATURES, "batch_size": 32}
     d["stages"]["ldfs"] = {"source_domain": "photo", "targets": ["sketch", "cartoon"], "epochs": 2}
     d["train"] = {
         "mode": "probe",
@@ -159,13 +149,7 @@ def _render(browser: chromium.Chromium | str, index: Path) -> dict[str, Any]:
 def test_report_writes_a_page_and_figures_beside_it(report: Path) -> None:
     folder = report.parent
     names = sorted(p.name for p in folder.iterdir())
-    assert names == [
-        "contact.png",
-        "index.html",
-        "loss-probe.png",
-        "projection.png",
-        "throughput.png",
-    ]
+    assert names == REPORT_FILES
     for name in names:
         if name.endswith(".png"):
             assert (folder / name).read_bytes().startswith(PNG)
@@ -385,13 +369,7 @@ def test_report_of_an_object_storage_output(run_manifest: Path, run_out: Path) -
         assert r.stdout.strip().splitlines()[-1] == f"memory://{root}/out/report/index.html"
         assert sorted(os.listdir(cwd)) == before
         names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(f"{root}/out/report", detail=False))
-        assert names == [
-            "contact.png",
-            "index.html",
-            "loss-probe.png",
-            "projection.png",
-            "throughput.png",
-        ]
+        assert names == REPORT_FILES
         page = fs.cat_file(f"{root}/out/report/index.html").decode()
         assert "30 points (real 10, ED-SAM 10, LDFS 10)" in page
         assert page.count('<div class="card">') == 3 and "Complete: all 13" in page

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from dgaug.cli import exitcodes
+from dgaug.cli.options import ManifestArg, SetOpt
 from dgaug.cli.report import report
 
 app = typer.Typer(
@@ -33,20 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-ManifestArg = Annotated[
-    Path, typer.Argument(help="Manifest YAML, e.g. manifests/cc12m.yaml.", show_default=False)
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        help="Override a manifest field: --set stages.download.threads=64 (repeatable; the value "
-        "is read as YAML, so 0.3 is a number and [a,b] a list).",
-        show_default=False,
-    ),
-]
 
 
 def _console():

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dgaug.cli import exitcodes
-
-# Defined again here rather than imported from app.py, which imports this module to register it.
-ManifestArg = Annotated[
-    Path, typer.Argument(help="Manifest YAML, e.g. manifests/cc12m.yaml.", show_default=False)
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        help="Override a manifest field: --set output=s3://bucket/run (repeatable; YAML values).",
-        show_default=False,
-    ),
-]
+from dgaug.cli.options import ManifestArg, SetOpt
 
 
 def report(

@@ -121,8 +121,12 @@ class Storage:
 
     def __init__(self, root: str):
         self.root = root.rstrip("/") or "/"
+        # Other processes (Ray workers, another host) write to an object store output: a cached
+        # listing would hide their shards and markers from this one.
+        local = fsspec.utils.get_protocol(self.root) in ("file", "local")
+        options = {} if local else {"use_listings_cache": False}
         try:
-            self.fs, base = fsspec.core.url_to_fs(self.root)
+            self.fs, base = fsspec.core.url_to_fs(self.root, **options)
         except ImportError as e:  # "Install s3fs to access S3"
             raise StorageError(f"output {self.root}: {e}") from None
         except ValueError as e:  # "Protocol not known: x"
@@ -130,10 +134,6 @@ class Storage:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.protocols: tuple[str, ...] = tuple(protocols)
         self.is_local = "file" in protocols or "local" in protocols
-        if not self.is_local:
-            # Other processes (Ray workers, another host) write here: a cached listing would hide
-            # their shards and markers from this one.
-            self.fs, base = fsspec.core.url_to_fs(self.root, use_listings_cache=False)
         self.base = os.path.abspath(base) if self.is_local else base.rstrip("/")
 
     def __repr__(self) -> str:
