@@ -61,9 +61,9 @@ t_main = time.perf_counter()
 spec = json.load(open(sys.argv[1]))
 from dgaug.pipeline import attempt
 from dgaug.pipeline.executors import local
-from dgaug.pipeline.manifest import validate
+from dgaug.job.manifest import validate
 from dgaug.pipeline.run import run_pipeline
-from dgaug.pipeline.storage import Storage
+from dgaug.core.storage import Storage
 from dgaug.stages.download import stage
 phases, calls, spans = {}, [], []
 def timed(name, fn):
@@ -403,7 +403,7 @@ def prepare_images(args: argparse.Namespace) -> tuple[Path, list[tuple[str, str]
     """Procedural JPEGs at the source size, cached across bench runs; (root, [(rel path, caption)])."""
     import pyarrow.parquet as pq
 
-    from dgaug.stages.download.synthetic import write_synthetic_dataset
+    from dgaug.sources.synthetic import write_synthetic_dataset
 
     root = args.cache / f"synthetic-{args.image_size}px-seed{args.seed}"
     t0 = time.perf_counter()

@@ -82,8 +82,8 @@ def run_loop(clip: Any, shard: Path, batch: int, dtype: str, tmp: Path) -> int:
     """clip-retrieval's shape: per batch, decode, preprocess, embed; then write the table."""
     from PIL import Image
 
+    from dgaug.core.shard_io import read_tar_samples
     from dgaug.stages.features.stage import _table
-    from dgaug.stages.shard_io import read_tar_samples
 
     columns: dict[str, list[Any]] = {
         n: [] for n in ("key", "origin", "source_key", "sample_index", "caption", "label", "domain")
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
-    from dgaug.pipeline.manifest import validate
+    from dgaug.core.storage import Storage
+    from dgaug.job.manifest import validate
     from dgaug.pipeline.stage import StageContext
-    from dgaug.pipeline.storage import Storage
     from dgaug.stages.features.stage import FeaturesStage
 
     machine = describe_machine(PACKAGES)

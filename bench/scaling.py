@@ -69,8 +69,8 @@ def demo_manifest(output: str, workers: int, args: argparse.Namespace) -> dict[s
 def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
     import ray
 
+    from dgaug.job.manifest import validate
     from dgaug.pipeline.executors.ray import connect
-    from dgaug.pipeline.manifest import validate
     from dgaug.pipeline.run import run_pipeline
 
     if args.address:
@@ -117,8 +117,8 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
 def shard_seconds(output: str, summary: Any) -> dict[str, float]:
     """Per stage, the seconds its workers spent inside shards (the markers' durations): if they
     grow with the worker count, the workers are slowing each other down (cores, memory)."""
+    from dgaug.core.storage import Storage
     from dgaug.pipeline.ledger import Ledger
-    from dgaug.pipeline.storage import Storage
 
     ledger = Ledger(Storage(output))
     return {

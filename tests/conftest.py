@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture
 def tiny_manifest(tmp_path: Path):
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
 
     return validate(tiny_manifest_dict(tmp_path / "out"))
 

@@ -828,7 +828,7 @@ def ray_worker_round(
 def ray_manifest(ref: Reference, stages: tuple[str, ...] = PIPELINE) -> Any:
     """The reference manifest on the Ray executor, with the stages up to the last of `stages`
     (a stage's bytes and fingerprint depend only on its upstream, so they still match)."""
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
 
     d = manifest_dict(ref.out, executor=RAY_EXECUTOR)
     last = max(PIPELINE.index(s) for s in stages)

@@ -37,10 +37,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from dgaug.pipeline.manifest import UrlListSource, validate
+from dgaug.core.shard_io import BadImage, open_rgb
+from dgaug.job.manifest import UrlListSource, validate
 from dgaug.pipeline.run import RunSummary, run_pipeline
 from dgaug.stages.download.merge import failure_reason
-from dgaug.stages.shard_io import BadImage, open_rgb
 from tests.helpers import REPO, loopback_server, write_tar
 
 # ------------------------------------------------------------------------------------- the images

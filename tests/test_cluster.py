@@ -81,7 +81,7 @@ def cluster(s3_endpoint):
 @pytest.fixture(scope="module")
 def reference(s3_endpoint) -> dict[str, bytes]:
     """The same manifest run uninterrupted by the local executor, into the same store."""
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
     from dgaug.pipeline.run import run_pipeline
 
     prefix = f"{new_bucket('cluster-reference')}/out"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from dgaug.core.storage import Storage, atomic_write_local
+from dgaug.job.manifest import validate
 from dgaug.pipeline.attempt import run_attempt
 from dgaug.pipeline.ledger import Ledger, changed_fields, fingerprint, fingerprint_record
-from dgaug.pipeline.manifest import validate
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
-from dgaug.pipeline.storage import Storage, atomic_write_local
 from tests.helpers import tiny_manifest_dict
 
 

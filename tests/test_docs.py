@@ -10,7 +10,7 @@ import yaml
 from braceexpand import braceexpand
 from pydantic import BaseModel
 
-from dgaug.pipeline.manifest import (
+from dgaug.job.manifest import (
     ExecutorConfig,
     ImageFolderSource,
     Manifest,
@@ -102,7 +102,7 @@ CLUSTER_DOC = (REPO / "docs" / "cluster.md").read_text()
 
 
 def test_cluster_walkthrough_manifest_is_valid_and_asks_for_gpus() -> None:
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
 
     blocks = re.findall(r"```yaml\n(.*?)```", CLUSTER_DOC, flags=re.S)
     manifests = [yaml.safe_load(b) for b in blocks if b.lstrip().startswith("name:")]

@@ -14,10 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dgaug.pipeline.manifest import validate
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import validate
 from dgaug.pipeline.run import run_pipeline
 from dgaug.pipeline.stage import ShardTask, StageContext
-from dgaug.pipeline.storage import Storage
 from dgaug.stages.download.merge import write_deterministic_tar
 from dgaug.stages.edsam.stage import EdsamStage
 from tests.helpers import tiny_manifest_dict
@@ -279,8 +279,8 @@ def test_pipeline_shards_resume_and_rerun_byte_identical(tmp_path: Path) -> None
 
 
 def test_manifest_section_is_optional_and_validated(tmp_path: Path) -> None:
-    from dgaug.pipeline.graph import enabled_stage_names
-    from dgaug.pipeline.manifest import ManifestError
+    from dgaug.job.graph import enabled_stage_names
+    from dgaug.job.manifest import ManifestError
 
     assert enabled_stage_names(validate(tiny_manifest_dict(tmp_path))) == ["download"]
     d = tiny_manifest_dict(tmp_path, stages={"edsam": {"rho": -1, "alpha": "pixel"}})

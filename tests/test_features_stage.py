@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dgaug.pipeline.manifest import validate
+from dgaug.job.manifest import validate
 from dgaug.pipeline.run import run_pipeline
 from tests.helpers import tiny_manifest_dict
 from tests.test_edsam_stage import write_shard
@@ -138,8 +138,8 @@ def test_float32_without_edsam_and_bad_images_counted(tmp_path: Path) -> None:
 
 
 def test_manifest_section(tmp_path: Path) -> None:
-    from dgaug.pipeline.graph import build_stages
-    from dgaug.pipeline.manifest import ManifestError
+    from dgaug.job.graph import build_stages
+    from dgaug.job.manifest import ManifestError
 
     stages = build_stages(_manifest(tmp_path, edsam=False))
     assert list(stages) == ["download", "features"] and stages["features"].upstream == ("download",)

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from dgaug.pipeline.manifest import ManifestError, validate
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import ManifestError, validate
 from dgaug.pipeline.run import plan_stages, run_pipeline
-from dgaug.pipeline.storage import Storage
 from tests.helpers import tiny_manifest_dict
 
 FEATURES = {"model": "tiny-random", "device": "cpu", "batch_size": 16, "cpu_threads": 1}

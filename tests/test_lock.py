@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dgaug.core.storage import Storage
 from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock
-from dgaug.pipeline.storage import Storage
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:

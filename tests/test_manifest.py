@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dgaug.pipeline.manifest import (
+from dgaug.job.manifest import (
     ManifestError,
     apply_overrides,
     dump_manifest,

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from dgaug.cli import exitcodes
 from dgaug.cli.app import app
-from dgaug.pipeline.manifest import (
+from dgaug.job.manifest import (
     Manifest,
     ManifestError,
     apply_overrides,

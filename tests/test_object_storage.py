@@ -124,7 +124,7 @@ def test_status_reads_the_bucket(s3_run: S3Run) -> None:
 
 
 def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: S3Run) -> None:
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
     from dgaug.pipeline.run import run_pipeline
 
     before = s3_objects(s3_run.prefix)
@@ -151,7 +151,7 @@ def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: 
 def test_a_reader_never_sees_a_partial_shard(s3_bucket: str, tmp_path: Path) -> None:
     """A shard big enough for a multipart upload (s3fs: over 2 x 50 MiB) is polled while it is
     committed: it is absent until it is whole, then whole."""
-    from dgaug.pipeline.storage import Storage
+    from dgaug.core.storage import Storage
 
     storage = Storage(f"s3://{s3_bucket}/out")
     local = tmp_path / "00000.tar"
@@ -183,8 +183,8 @@ def test_a_reader_never_sees_a_partial_shard(s3_bucket: str, tmp_path: Path) -> 
 def test_lock_on_the_bucket_refuses_a_live_holder_and_takes_over_a_stale_one(
     s3_bucket: str,
 ) -> None:
+    from dgaug.core.storage import Storage
     from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock
-    from dgaug.pipeline.storage import Storage
 
     storage = Storage(f"s3://{s3_bucket}/out")
     with RunLock(storage) as first:
@@ -205,8 +205,8 @@ def test_lock_on_the_bucket_refuses_a_live_holder_and_takes_over_a_stale_one(
 
 
 def test_runs_racing_for_the_bucket_lock_leave_exactly_one_holder(s3_bucket: str) -> None:
+    from dgaug.core.storage import Storage
     from dgaug.pipeline.lock import LockHeld, RunLock
-    from dgaug.pipeline.storage import Storage
 
     root = f"s3://{s3_bucket}/out"
     start = threading.Barrier(6)
@@ -249,7 +249,7 @@ def test_url_list_and_shards_sources_are_read_from_the_bucket(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dgaug.pipeline.manifest import validate
+    from dgaug.job.manifest import validate
     from dgaug.pipeline.run import run_pipeline
 
     images = {f"/img{i}.jpg": _jpeg(i) for i in range(10)}

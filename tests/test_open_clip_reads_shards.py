@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from dgaug.pipeline.manifest import Manifest, validate
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import Manifest, validate
 from dgaug.pipeline.mix import write_mix
 from dgaug.pipeline.run import run_pipeline
-from dgaug.pipeline.storage import Storage
 from tests.helpers import tiny_manifest_dict
 
 EDSAM = {"model": "tiny-random", "device": "cpu", "samples_per_image": 2, "steps": 2}

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import ray
 
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import Manifest, StageResources, validate
 from dgaug.pipeline.attempt import Outcome
 from dgaug.pipeline.executors.base import RunListener
 from dgaug.pipeline.executors.ray import RayExecutor
 from dgaug.pipeline.ledger import Ledger
-from dgaug.pipeline.manifest import Manifest, StageResources, validate
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
-from dgaug.pipeline.storage import Storage
 from tests.helpers import RAY_GPU_SLOTS, RAY_TOY_SLOTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]  # a scheduling bug hangs: fail fast

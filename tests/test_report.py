@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core.storage import Storage
 from dgaug.pipeline.ledger import Ledger
-from dgaug.pipeline.storage import Storage
 from dgaug.report.build import build_report
 from dgaug.report.collect import read_run
 from dgaug.report.contact import build_sheet, format_alpha, sample_tile

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dgaug.pipeline.manifest import validate
+from dgaug.job.manifest import validate
 from dgaug.pipeline.run import FingerprintMismatch, run_pipeline
 from dgaug.pipeline.status import read_status
 from dgaug.stages.download.stage import DownloadStage

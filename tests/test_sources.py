@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dgaug.pipeline.manifest import ImageFolderSource, validate
+from dgaug.job.manifest import ImageFolderSource, validate
 from dgaug.pipeline.run import run_pipeline
 from dgaug.stages.download.ingest import _iter_samples, expand_shards
 from dgaug.stages.download.sources import check_source_readable, list_image_folder

@@ -31,10 +31,10 @@ from typer.testing import CliRunner
 
 from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import validate
 from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock
-from dgaug.pipeline.manifest import validate
 from dgaug.pipeline.run import run_pipeline
-from dgaug.pipeline.storage import Storage
 from tests.helpers import dgaug_process, tiny_manifest_dict
 
 SHARDS = 6
@@ -157,7 +157,7 @@ def test_full_disk_while_taking_the_lock_leaves_no_empty_lock(tmp_path: Path, mo
             return FullDisk(path, "w")
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr("dgaug.pipeline.storage.open", open_on_full_disk, raising=False)
+    monkeypatch.setattr("dgaug.core.storage.open", open_on_full_disk, raising=False)
     with pytest.raises(OSError):
         RunLock(Storage(str(tmp_path))).acquire()
     assert not (tmp_path / LOCK_REL).exists()

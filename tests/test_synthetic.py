@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dgaug.stages.download.synthetic import (
+from dgaug.sources.synthetic import (
     DEFAULT_CLASSES,
     DEFAULT_STYLES,
     JPEG_QUALITY,

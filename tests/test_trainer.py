@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgaug.pipeline.manifest import validate
+from dgaug.job.manifest import validate
 from dgaug.pipeline.run import run_pipeline
 from dgaug.trainer.checkpoint import CheckpointMismatch, list_checkpoints
 from dgaug.trainer.config import TrainConfig

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dgaug.pipeline.manifest import UrlListSource
-from dgaug.pipeline.storage import Storage
+from dgaug.core.storage import Storage
+from dgaug.job.manifest import UrlListSource
 from dgaug.stages.download import urls
 from dgaug.stages.download.urls import (
     KEY_COL,

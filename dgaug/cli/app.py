@@ -50,7 +50,7 @@ def _fail(code: int, lines: list[str] | str) -> typer.Exit:
 
 
 def _load(manifest: Path, overrides: list[str] | None, executor: str | None = None):
-    from dgaug.pipeline.manifest import ManifestError, load_manifest
+    from dgaug.job.manifest import ManifestError, load_manifest
 
     extra = list(overrides or [])
     if executor:
@@ -99,7 +99,7 @@ def _file_log(output: str) -> _RunLogFile:
     locally and uploaded when the run ends (_close_file_log)."""
     import tempfile
 
-    from dgaug.pipeline.storage import DGAUG_DIR, Storage
+    from dgaug.core.storage import DGAUG_DIR, Storage
 
     storage = Storage(output)
     name = time.strftime("run-%Y%m%d-%H%M%S.log")
@@ -171,7 +171,7 @@ def run(
     except KeyboardInterrupt:
         raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
     except Exception as e:
-        from dgaug.pipeline.storage import StorageError, store_problem
+        from dgaug.core.storage import StorageError, store_problem
 
         if handler is not None and (isinstance(e, StorageError) or store_problem(e, "")):
             handler.upload_to = None  # the store is what failed: nowhere to put the log
@@ -230,8 +230,8 @@ def plan(manifest: ManifestArg, set_: SetOpt = None) -> None:
     _setup_logging(False)
     from dgaug.cli.errors import user_error_message
     from dgaug.cli.progress import print_plan
+    from dgaug.core.storage import Storage
     from dgaug.pipeline.run import plan_stages
-    from dgaug.pipeline.storage import Storage
 
     try:
         plans = plan_stages(m, Storage(m.output), dry_run=True)
@@ -318,7 +318,7 @@ def train(
     same command again resumes from the newest. Exits 2 on a bad config or data, 3 when the
     output holds another config's checkpoints.
     """
-    from dgaug.pipeline.manifest import ManifestError
+    from dgaug.job.manifest import ManifestError
 
     options = {
         "mode": mode,

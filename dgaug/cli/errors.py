@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dgaug.cli import exitcodes
-from dgaug.pipeline.manifest import ManifestError
+from dgaug.job.manifest import ManifestError
 
 
 def user_error_message(e: BaseException) -> tuple[int, list[str]] | None:
     """(exit code, lines) for an error the user can fix; None for a bug (let it raise)."""
+    from dgaug.core.storage import StorageError, disk_full, store_problem
     from dgaug.models.errors import ModelError
     from dgaug.pipeline.lock import LockHeld
     from dgaug.pipeline.run import FingerprintMismatch
-    from dgaug.pipeline.storage import StorageError, disk_full, store_problem
     from dgaug.stages.download.urls import SourceError
 
     if isinstance(e, ModelError):

@@ -20,8 +20,8 @@ from rich.table import Table
 from dgaug.pipeline.executors.base import RunListener
 
 if TYPE_CHECKING:
+    from dgaug.job.manifest import Manifest
     from dgaug.pipeline.attempt import Outcome
-    from dgaug.pipeline.manifest import Manifest
     from dgaug.pipeline.run import RunSummary, StagePlan
     from dgaug.pipeline.stage import ShardTask
     from dgaug.pipeline.status import OutputStatus

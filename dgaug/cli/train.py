@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dgaug.pipeline.manifest import Manifest, ManifestError, apply_overrides, validation_problems
+from dgaug.job.manifest import Manifest, ManifestError, apply_overrides, validation_problems
 from dgaug.trainer.config import TrainConfig
 
 
@@ -41,7 +41,7 @@ def config_from_manifest(m: Manifest, options: dict[str, Any]) -> TrainConfig:
     """The manifest's `train:` section, with what it leaves unset taken from the run's outputs:
     the real and ED-SAM shards, features and LDFS files of the stages the manifest runs, the
     synthetic source's evaluation folder, and OUTPUT/train/<mode> for checkpoints and results."""
-    from dgaug.pipeline.storage import Storage
+    from dgaug.core.storage import Storage
 
     storage = Storage(m.output)
     if not storage.is_local:

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dgaug import __version__
+from dgaug.core.storage import DiskFull, disk_full
 from dgaug.pipeline.ledger import Ledger, fingerprint
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
-from dgaug.pipeline.storage import DiskFull, disk_full
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from dgaug import __version__
-from dgaug.pipeline.storage import Storage
+from dgaug.core.storage import Storage
 
 STATE_DIR = "_state"
 

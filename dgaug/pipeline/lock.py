@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from dgaug.pipeline.storage import DGAUG_DIR, Storage, pid_alive
+from dgaug.core.storage import DGAUG_DIR, Storage, pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 import posixpath
 import uuid
 
-from dgaug.pipeline.storage import Storage
+from dgaug.core.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dgaug.core.storage import DGAUG_DIR, Storage
+from dgaug.job.graph import build_stages
+from dgaug.job.manifest import Manifest, dump_manifest
 from dgaug.pipeline.executors import RunListener, make_executor
-from dgaug.pipeline.graph import build_stages
 from dgaug.pipeline.ledger import (
     STATE_DIR,
     Ledger,
@@ -18,11 +20,9 @@ from dgaug.pipeline.ledger import (
     fingerprint_record,
 )
 from dgaug.pipeline.lock import RunLock
-from dgaug.pipeline.manifest import Manifest, dump_manifest
 from dgaug.pipeline.mix import write_mix
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
-from dgaug.pipeline.storage import DGAUG_DIR, Storage
 
 log = logging.getLogger(__name__)
 

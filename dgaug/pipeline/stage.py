@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from dgaug.pipeline.manifest import Manifest, StageResources
-    from dgaug.pipeline.storage import Storage
+    from dgaug.core.storage import Storage
+    from dgaug.pipeline.resources import StageResources
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ShardResult:
 class StageContext:
     """What a stage may read while planning or processing: the manifest and the output folder."""
 
-    manifest: Manifest
+    manifest: Any  # the job's validated manifest (dgaug.job.manifest.Manifest)
     storage: Storage
     upstream: dict[str, list[ShardTask]] = field(default_factory=dict)
     dry_run: bool = False
@@ -57,7 +57,7 @@ class StageContext:
 def model_worker_resources(on_cpu: bool) -> StageResources:
     """A model stage's default workers: one on the CPU, else one per GPU of the cluster (each
     loading the model once) with 4 CPUs for its image decoding and encoding."""
-    from dgaug.pipeline.manifest import StageResources
+    from dgaug.pipeline.resources import StageResources
 
     if on_cpu:
         return StageResources(workers=1, num_cpus=1, num_gpus=0)
@@ -76,7 +76,7 @@ class Stage:
     shard_ext: ClassVar[str] = ".tar"  # the main output; sizes.json counts these
     uses_gpu: ClassVar[bool] = False
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Any):
         self.manifest = manifest
         self.log = logging.getLogger(f"dgaug.stages.{self.name}")
 
@@ -86,7 +86,7 @@ class Stage:
         return getattr(self.manifest.stages, self.name)
 
     def default_resources(self) -> StageResources:
-        from dgaug.pipeline.manifest import StageResources
+        from dgaug.pipeline.resources import StageResources
 
         return StageResources(workers=1, num_cpus=1, num_gpus=1 if self.uses_gpu else 0)
 

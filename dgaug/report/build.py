@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from dgaug import __version__
-from dgaug.pipeline.storage import Storage
-from dgaug.pipeline.values import url_secret
+from dgaug.core.storage import Storage
+from dgaug.core.values import url_secret
 from dgaug.report.collect import NothingToReport, read_run
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dgaug.core.storage import Storage
 from dgaug.pipeline.status import PLAN_REL, OutputStatus, read_status
-from dgaug.pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def read_run(output: str) -> RunView:
 
 
 def _graph_position(stage: str) -> tuple[int, str]:
-    from dgaug.stages import STAGE_CLASSES
+    from dgaug.job.registry import STAGE_CLASSES
 
     order = list(STAGE_CLASSES)
     return (order.index(stage) if stage in order else len(order), stage)

@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from dgaug.core.shard_io import IMAGE_EXTS, MAX_ASPECT_RATIO, open_rgb, read_tar_samples
 from dgaug.report.collect import RunView
-from dgaug.stages.shard_io import IMAGE_EXTS, MAX_ASPECT_RATIO, open_rgb, read_tar_samples
 
 log = logging.getLogger(__name__)
 

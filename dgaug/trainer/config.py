@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dgaug.templates import check_template
+from dgaug.core.templates import check_template
 
 
 class _Strict(BaseModel):

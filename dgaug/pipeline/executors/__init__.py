@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from dgaug.pipeline.executors.base import Executor, RunListener
 
 if TYPE_CHECKING:
-    from dgaug.pipeline.manifest import Manifest
+    from dgaug.job.manifest import Manifest
 
 
 def make_executor(manifest: Manifest) -> Executor:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dgaug.pipeline.attempt import Outcome
-    from dgaug.pipeline.manifest import ExecutorConfig
+    from dgaug.pipeline.resources import ExecutorConfig
     from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import ray
 
+from dgaug.core.storage import TMP_DIR, DiskFull, clean_dead_local_scratch, disk_full
 from dgaug.pipeline.attempt import Outcome, record_failure, run_attempt
 from dgaug.pipeline.executors.base import Executor, RunListener
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
-from dgaug.pipeline.storage import TMP_DIR, DiskFull, clean_dead_local_scratch, disk_full
 
 log = logging.getLogger(__name__)
 

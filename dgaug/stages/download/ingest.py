@@ -13,7 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dgaug.pipeline.manifest import expand_paths
+from dgaug.job.manifest import expand_paths
 from dgaug.pipeline.stage import ShardResult
 from dgaug.stages.download.merge import write_deterministic_tar
 from dgaug.stages.download.urls import SourceError, sample_key

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dgaug.pipeline.manifest import (
+from dgaug.core.storage import DGAUG_DIR, Storage
+from dgaug.job.manifest import (
     ImageFolderSource,
     Manifest,
     SyntheticSource,
     UrlListSource,
 )
-from dgaug.pipeline.storage import DGAUG_DIR, Storage
 from dgaug.stages.download.urls import SourceError
 
 SOURCE_DIR = f"{DGAUG_DIR}/source"
@@ -68,7 +68,7 @@ def allowed_schemes(manifest: Manifest) -> tuple[str, ...]:
 
 
 def synthetic_url_list(src: SyntheticSource, storage: Storage, seed: int) -> UrlListSource:
-    from dgaug.stages.download import synthetic
+    from dgaug.sources import synthetic
 
     record = {"seed": seed, **src.data_record()}
     out = _local_dir(storage, "synthetic", record)
@@ -99,7 +99,7 @@ def write_eval_images(src: SyntheticSource, storage: Storage, seed: int) -> None
     Written once per count (`eval/_SUCCESS` holds it), not re-checked image by image on every run
     and plan. An object store output gets them drawn locally, then uploaded, `_SUCCESS` last.
     """
-    from dgaug.stages.download import synthetic
+    from dgaug.sources import synthetic
 
     done = f"{EVAL_DIR}/_SUCCESS"
     try:

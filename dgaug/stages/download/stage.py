@@ -9,7 +9,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dgaug.pipeline.manifest import (
+from dgaug.core.shard_io import MAX_ASPECT_RATIO
+from dgaug.job.manifest import (
     ImageFolderSource,
     ShardsSource,
     SyntheticSource,
@@ -27,7 +28,6 @@ from dgaug.stages.download.sources import (
     resolve_url_list,
 )
 from dgaug.stages.download.urls import KEY_COL, file_sizes, pre_download_skip, split_url_list
-from dgaug.stages.shard_io import MAX_ASPECT_RATIO
 
 # img2dataset's keep_ratio and center_crop resize the short side first: a 5,000 x 1 sliver (a
 # 94-byte PNG) became 1,280,000 x 256 pixels, 1.1 GB, before its crop; 50,000 x 1 would take 11
@@ -48,7 +48,7 @@ class DownloadStage(Stage):
     upstream = ()
 
     def default_resources(self):
-        from dgaug.pipeline.manifest import StageResources
+        from dgaug.pipeline.resources import StageResources
 
         return StageResources(workers=1, num_cpus=self.config.processes, num_gpus=0)
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dgaug.pipeline.manifest import UrlListSource, expand_paths
-from dgaug.pipeline.storage import DGAUG_DIR, Storage
+from dgaug.core.storage import DGAUG_DIR, Storage
+from dgaug.job.manifest import UrlListSource, expand_paths
 
 log = logging.getLogger(__name__)
 

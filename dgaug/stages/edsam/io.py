@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgaug.stages.shard_io import (
+from dgaug.core.shard_io import (
     IMAGE_EXTS,
     MAX_ASPECT_RATIO,
     open_rgb,

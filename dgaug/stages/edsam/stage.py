@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from dgaug.core.shard_io import prefetch
 from dgaug.pipeline.stage import (
     ShardResult,
     ShardTask,
@@ -18,7 +19,6 @@ from dgaug.pipeline.stage import (
 )
 from dgaug.stages.edsam.config import TINY, EdsamConfig
 from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, sample_json
-from dgaug.stages.shard_io import prefetch
 
 
 class EdsamStage(Stage):
@@ -46,7 +46,7 @@ class EdsamStage(Stage):
 
     # -- plan
     def plan(self, ctx: StageContext) -> list[ShardTask]:
-        from dgaug.stages import stage_class
+        from dgaug.job.registry import stage_class
 
         real = stage_class("download").output_dir
         return [

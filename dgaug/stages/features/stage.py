@@ -11,15 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from dgaug.pipeline.stage import (
-    ShardResult,
-    ShardTask,
-    Stage,
-    StageContext,
-    model_worker_resources,
-)
-from dgaug.stages.features.config import TINY, FeaturesConfig
-from dgaug.stages.shard_io import (
+from dgaug.core.shard_io import (
     IMAGE_EXTS,
     MAX_ASPECT_RATIO,
     embedding_column,
@@ -28,6 +20,14 @@ from dgaug.stages.shard_io import (
     read_tar_samples,
     skip_reason,
 )
+from dgaug.pipeline.stage import (
+    ShardResult,
+    ShardTask,
+    Stage,
+    StageContext,
+    model_worker_resources,
+)
+from dgaug.stages.features.config import TINY, FeaturesConfig
 
 ORIGINS = ("real", "edsam")  # row order within a file: the real shard, then its ED-SAM samples
 
@@ -91,7 +91,7 @@ class FeaturesStage(Stage):
 
     # -- plan
     def plan(self, ctx: StageContext) -> list[ShardTask]:
-        from dgaug.stages import stage_class
+        from dgaug.job.registry import stage_class
 
         tasks = []
         for up in ctx.upstream["download"]:

@@ -35,7 +35,7 @@ class _LdfsBase(Stage):
         return self.manifest.stages.features
 
     def default_resources(self):
-        from dgaug.pipeline.manifest import StageResources
+        from dgaug.pipeline.resources import StageResources
 
         return StageResources(workers=1, num_cpus=1, num_gpus=0)
 
@@ -51,7 +51,7 @@ class _LdfsBase(Stage):
         }
 
     def _attributes_digest(self) -> str | None:
-        from dgaug.pipeline.manifest import ManifestError
+        from dgaug.job.manifest import ManifestError
 
         path = self.config.attributes
         if path is None:
@@ -300,7 +300,7 @@ def ldfs_table(rows: list[dict[str, Any]], dtype: str, dim: int, metadata: dict[
     import numpy as np
     import pyarrow as pa
 
-    from dgaug.stages.shard_io import embedding_column
+    from dgaug.core.shard_io import embedding_column
 
     pa_type = pa.float16() if dtype == "float16" else pa.float32()
     emb = np.stack([r["embedding"] for r in rows]) if rows else np.empty((0, dim), np.float32)

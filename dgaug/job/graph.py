@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dgaug.pipeline.manifest import Manifest, ManifestError
+from dgaug.job.manifest import Manifest, ManifestError
+from dgaug.job.registry import STAGE_CLASSES, section_of, stage_class
 from dgaug.pipeline.stage import Stage
-from dgaug.stages import STAGE_CLASSES, section_of, stage_class
 
 
 def enabled_stage_names(manifest: Manifest) -> list[str]:

@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dgaug.pipeline.values import (
+from dgaug.core.templates import check_template
+from dgaug.core.values import (
     MAX_DEPTH,
     check_protocols,
     join_loc,
@@ -18,11 +19,11 @@ from dgaug.pipeline.values import (
     url_secret,
     value_problems,
 )
+from dgaug.pipeline.resources import ExecutorConfig, StageResources
 from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
 from dgaug.stages.ldfs.config import LdfsConfig
-from dgaug.templates import check_template
 from dgaug.trainer.config import TrainConfig
 
 
@@ -172,31 +173,6 @@ Source = Annotated[
 
 
 # --------------------------------------------------------------------------------------- executor
-
-
-class StageResources(_Strict):
-    """What one worker of a stage needs, and how many workers the Ray executor starts."""
-
-    workers: int | None = Field(
-        1,
-        ge=1,
-        le=4096,
-        description="Actors of the stage (Ray); null: one per GPU of the cluster (GPU stages).",
-    )
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    custom: dict[str, float] = Field(
-        default_factory=dict, description="Ray custom resources, e.g. {accelerator_type:H100: 1}."
-    )
-
-
-class ExecutorConfig(_Strict):
-    kind: Literal["local", "ray"] = "local"
-    address: str | None = Field(
-        None, description="Ray cluster address ('auto', 'ray://host:10001'); null starts one here."
-    )
-    max_attempts: int = Field(3, ge=1, le=100, description="Tries per shard within one run.")
-    resources: dict[str, StageResources] = Field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------- stages
