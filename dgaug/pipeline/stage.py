@@ -41,6 +41,16 @@ class ShardResult:
 
 
 @dataclass
+class Plan:
+    """What `Stage.plan` returns: the tasks, and what it learned that the fingerprint must hold
+    beyond the config (the sizes of a url list's files, an image folder's listing digest), so
+    that a source replaced under the same name is never mixed with shards made from the old one."""
+
+    tasks: list[ShardTask]
+    fingerprint_inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class StageContext:
     """What a stage may read while planning or processing: the manifest and the output folder."""
 
@@ -48,6 +58,11 @@ class StageContext:
     storage: Storage
     upstream: dict[str, list[ShardTask]] = field(default_factory=dict)
     dry_run: bool = False
+    output_dirs: dict[str, str] = field(default_factory=dict)  # every stage of the graph -> folder
+
+    def upstream_url(self, stage: str, shard_id: int, suffix: str = ".tar") -> str:
+        """Where shard `shard_id` of stage `stage` is committed: the one way a task names its inputs."""
+        return self.storage.url(f"{self.output_dirs[stage]}/{shard_id:05d}{suffix}")
 
     @property
     def seed(self) -> int:
@@ -101,11 +116,13 @@ class Stage:
         return f"{shard_id:05d}"
 
     # -- work
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
+    def plan(self, ctx: StageContext) -> Plan:
+        """The shard tasks, from the upstream tasks in `ctx`; in a dry run it writes nothing."""
         raise NotImplementedError
 
     def setup(self, ctx: StageContext) -> None:
-        """Once per worker before its first task: load models, compile."""
+        """Once per worker before its first task: load models, compile. Only the executor calls
+        it (and teardown); process() may assume it ran."""
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         raise NotImplementedError
