@@ -62,7 +62,7 @@ spec = json.load(open(sys.argv[1]))
 from dgaug.pipeline import attempt
 from dgaug.pipeline.executors import local
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import run_pipeline
+from dgaug.job.run import run_pipeline
 from dgaug.core.storage import Storage
 from dgaug.stages.download import stage
 phases, calls, spans = {}, [], []

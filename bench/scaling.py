@@ -71,7 +71,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from dgaug.job.manifest import validate
     from dgaug.pipeline.executors.ray import connect
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     if args.address:
         connect(args.address)

@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_rounds:
         import ray
 
-        from dgaug.pipeline.run import run_pipeline
+        from dgaug.job.run import run_pipeline
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         rng = random.Random(args.seed)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dgaug.core.storage import Storage, atomic_write_local
+from dgaug.core.atomic import atomic_write
+from dgaug.core.storage import Storage
 from dgaug.job.manifest import validate
 from dgaug.pipeline.attempt import run_attempt
 from dgaug.pipeline.ledger import Ledger, changed_fields, fingerprint, fingerprint_record
@@ -126,14 +127,14 @@ def test_redo_drops_the_old_marker_first(ctx: StageContext, monkeypatch) -> None
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "f.json"
-    atomic_write_local(str(target), b"old")
+    atomic_write(str(target), b"old")
 
     def boom(src, dst):
         raise OSError("no space left")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        atomic_write_local(str(target), b"new" * 100)
+        atomic_write(str(target), b"new" * 100)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"], "no temporary left behind"
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import run_pipeline
+from dgaug.job.run import run_pipeline
 from dgaug.pipeline.stage import ShardTask, StageContext
 from dgaug.stages.download.merge import write_deterministic_tar
 from dgaug.stages.edsam.stage import EdsamStage

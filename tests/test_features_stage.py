@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import run_pipeline
+from dgaug.job.run import run_pipeline
 from tests.helpers import tiny_manifest_dict
 from tests.test_edsam_stage import write_shard
 

@@ -428,7 +428,7 @@ def test_interrupt_kills_the_actors(ray_session, tmp_path, events, ctrl_c_raises
 
 
 def test_run_pipeline_on_ray_matches_local_bytes(ray_session, tmp_path):
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     out = tmp_path / "out"
 

@@ -21,8 +21,10 @@ from dgaug.cli import exitcodes
 from dgaug.cli.app import app
 from dgaug.core.storage import Storage
 from dgaug.pipeline.ledger import Ledger
-from dgaug.report.build import build_report
-from dgaug.report.collect import read_run
+from dgaug.job.registry import STAGE_CLASSES
+from dgaug.job.report import report_run
+from dgaug.pipeline.status import read_status
+from dgaug.report import collect
 from dgaug.report.contact import build_sheet, format_alpha, sample_tile
 from dgaug.report.projection import _share, project
 from tests import chromium
@@ -268,7 +270,7 @@ def test_partial_run_says_what_is_missing(
     out = _copy(run_out, tmp_path / "out")
     for d in ("edsam", "features", "ldfs", "train"):
         shutil.rmtree(out / d)
-    result = build_report(str(out), samples=3)
+    result = report_run(str(out), samples=3)
     assert result.figures == ["contact.png", "throughput.png"]
     facts = _render(browser, Path(result.index))
     assert "no edsam shard is committed yet: originals only" in facts["text"]
@@ -280,7 +282,7 @@ def test_partial_run_says_what_is_missing(
 
 def test_run_not_started_and_no_shards_render(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    result = build_report(str(tmp_path / "out"))
+    result = report_run(str(tmp_path / "out"))
     page = Path(result.index).read_text()
     assert result.figures == []
     assert "Not started" in page and "no real shard is committed yet" in page
@@ -303,7 +305,7 @@ def test_failed_shard_is_listed_with_its_error(run_out: Path, tmp_path: Path) ->
             "failed_at": "2026-01-02T03:04:05Z",
         },
     )
-    result = build_report(str(out), samples=24)
+    result = report_run(str(out), samples=24)
     page = Path(result.index).read_text()
     assert "Partial: 12 of 13 planned shards committed, 1 failed" in page
     row = '<td class="text">edsam</td><td>00001</td><td>2</td><td>2026-01-02T03:04:05Z</td>'
@@ -332,7 +334,7 @@ def test_captions_and_labels_from_the_data_are_escaped(
                 data = json.dumps(meta).encode()
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
-    result = build_report(str(out), samples=24)
+    result = report_run(str(out), samples=24)
     page = Path(result.index).read_text()
     assert "<script>" not in page and "<b>bold" not in page
     assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in page
@@ -398,3 +400,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
 
     r = runner.invoke(app, ["report", str(manifest), "--samples", "-1"])
     assert r.exit_code == exitcodes.INVALID and "Traceback" not in r.output
+
+
+def read_run(output: str) -> collect.RunView:
+    """The report's view of a run, read the way `dgaug report` reads it."""
+    return collect.read_run(output, read_status, list(STAGE_CLASSES))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import run_pipeline
+from dgaug.job.run import run_pipeline
 from dgaug.trainer.checkpoint import CheckpointMismatch, list_checkpoints
 from dgaug.trainer.config import TrainConfig
 from dgaug.trainer.data import DataError, index_shards, read_features, read_synthetic

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,18 +29,19 @@ def temporary_name(path: str | os.PathLike) -> str:
     return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` so a reader sees the old file or the whole new one, never a part,
-    and the new one survives a power cut once this returns."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path to write `path` through (for writers that take a file name, such as
+    safetensors' save_file): on success it is fsync'd and renamed onto `path`, so a reader sees
+    the old file or the whole new one, and the new one survives a power cut; on an error it is
+    removed."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -48,6 +51,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             pass
         raise
     fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` through `atomic_path`."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
 
 
 def remove_temporaries(

@@ -13,47 +13,20 @@ from typing import Any
 
 import fsspec
 
+from dgaug.core.atomic import atomic_write, fsync_dir
+from dgaug.core.errors import FAILED, INVALID, DgaugError
+
 # Everything dgaug keeps for itself (lock, plan, scratch, generated sources) lives under this folder.
 DGAUG_DIR = "_dgaug"
 TMP_DIR = f"{DGAUG_DIR}/tmp"
+PLAN_REL = f"{DGAUG_DIR}/plan.json"  # what a run planned: stages, shards, fingerprints
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def atomic_write_local(path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name in the same folder, fsync, then rename."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-class StorageError(Exception):
+class StorageError(DgaugError):
     """The output location cannot be opened (unknown protocol, its fsspec package missing, an
     object store that cannot be reached, a missing bucket, refused credentials)."""
+
+    exit_code = INVALID
 
 
 # Exception class names of botocore / aiobotocore (s3fs) and gcsfs/adlfs cousins, matched by name
@@ -108,12 +81,20 @@ def disk_full(exc: BaseException) -> bool:
     return False
 
 
-class DiskFull(OSError):
+class DiskFull(OSError, DgaugError):
     """The output (or scratch) device is full: no shard can be made until space is freed, so the
     run stops instead of failing every remaining shard in turn."""
 
+    exit_code = FAILED
+
     def __init__(self, where: str):
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+
+    def lines(self) -> list[str]:
+        return [
+            f"error: no space left on the output device ({self.filename or 'output'}). Committed "
+            "shards are intact; free some space and run the same command again."
+        ]
 
 
 class Storage:
@@ -207,7 +188,7 @@ class Storage:
     # -- writes (each is all-or-nothing for a reader)
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.is_local:
-            atomic_write_local(self.path(rel), data)
+            atomic_write(self.path(rel), data)
         else:
             # One PUT: an object store shows the object only once it is whole.
             self.fs.pipe_file(self.path(rel), data)
@@ -268,7 +249,7 @@ class Storage:
                 tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
                 shutil.copyfile(local_path, tmp)
                 os.replace(tmp, dest)
-            _fsync_dir(os.path.dirname(dest))
+            fsync_dir(os.path.dirname(dest))
         else:
             # One object: a single PUT, or a multipart upload that the store shows only once it
             # is completed, so a reader never sees part of it. A killed upload leaves no object.

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from dgaug import __version__
+from dgaug.core.hashing import record_hash
 from dgaug.core.storage import Storage
 
 STATE_DIR = "_state"
@@ -29,8 +28,7 @@ def fingerprint_record(
 
 
 def fingerprint(record: dict[str, Any]) -> str:
-    canon = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+    return record_hash(record, 16, compact=True)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

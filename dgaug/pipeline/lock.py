@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from dgaug.core.atomic import remove_temporaries
+from dgaug.core.errors import REFUSED, DgaugError
 from dgaug.core.storage import DGAUG_DIR, Storage, pid_alive
 
 log = logging.getLogger(__name__)
@@ -22,17 +24,10 @@ LOCK_REL = f"{DGAUG_DIR}/lock.json"
 GUARD_REL = f"{DGAUG_DIR}/lock.guard"  # flocked while a run takes the lock (local outputs)
 
 
-def _remove_stale_temporaries(folder: str, name: str) -> None:
-    """Remove `.NAME.*.tmp` left by a run killed while creating the lock. Call it holding the
-    guard: only one process is creating at a time, so any such file is a dead run's."""
-    for stale in os.listdir(folder):
-        if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, stale))
-
-
-class LockHeld(Exception):
+class LockHeld(DgaugError):
     """Another live run holds the output folder."""
+
+    exit_code = REFUSED
 
     def __init__(self, holder: dict[str, Any], path: str):
         self.holder = holder
@@ -121,7 +116,7 @@ class RunLock:
             # Serialized: two runs that both find a stale lock would otherwise both take it over,
             # the later one removing the lock the earlier one had just made.
             with _acquiring(self.storage.path(GUARD_REL)):
-                _remove_stale_temporaries(self.storage.path(DGAUG_DIR), os.path.basename(LOCK_REL))
+                remove_temporaries(self.storage.path(DGAUG_DIR), os.path.basename(LOCK_REL))
                 self._create()
         else:
             self._create()

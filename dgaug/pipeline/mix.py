@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import uuid
 
+from dgaug.core.atomic import temporary_name
 from dgaug.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _link(folder: str, name: str, target: str) -> None:
     path = os.path.join(folder, name)
     if os.path.islink(path) and os.readlink(path) == target:
         return
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_name(path)
     os.symlink(target, tmp)
     try:
         os.replace(tmp, path)

@@ -1,17 +1,17 @@
-"""A run: lock the output, plan every stage, skip what is committed, execute the rest, write
-sizes.json and the mix/ view."""
+"""A run of a stage graph: lock the output, plan every stage, skip what is committed, execute the
+rest, write sizes.json and the mix/ view. Which stages and which executor is the job's choice."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dgaug.core.errors import REFUSED, DgaugError
 from dgaug.core.storage import DGAUG_DIR, Storage
-from dgaug.job.graph import build_stages
-from dgaug.job.manifest import Manifest, dump_manifest
-from dgaug.pipeline.executors import RunListener, make_executor
+from dgaug.pipeline.executors import Executor, RunListener
 from dgaug.pipeline.ledger import (
     STATE_DIR,
     Ledger,
@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 MANIFEST_REL = f"{DGAUG_DIR}/manifest.yaml"
 
 
-class FingerprintMismatch(Exception):
+class FingerprintMismatch(DgaugError):
     """Committed shards were made with a different config; mixing them would corrupt the dataset."""
+
+    exit_code = REFUSED
 
     def __init__(self, mismatches: dict[str, tuple[int, list[str]]], output: str):
         self.mismatches = mismatches
@@ -93,22 +95,33 @@ class RunSummary:
         return all(s.failed == 0 and s.blocked == 0 for s in self.stages.values())
 
 
-def plan_stages(manifest: Manifest, storage: Storage, *, dry_run: bool) -> dict[str, StagePlan]:
-    """Plan every enabled stage and compare with what is committed. Writes nothing if dry_run."""
-    stages = build_stages(manifest)
+def stage_context(
+    stages: dict[str, Stage], manifest: Any, storage: Storage, *, dry_run: bool = False
+) -> StageContext:
+    """The context every stage of the graph plans and processes in."""
+    dirs = {n: s.output_dir for n, s in stages.items()}
+    return StageContext(manifest, storage, dry_run=dry_run, output_dirs=dirs)
+
+
+def plan_graph(
+    stages: dict[str, Stage], manifest: Any, storage: Storage, *, dry_run: bool
+) -> dict[str, StagePlan]:
+    """Plan every stage (graph order) and compare with what is committed. Writes nothing if dry_run."""
     ledger = Ledger(storage)
-    ctx = StageContext(manifest, storage, dry_run=dry_run)
+    ctx = stage_context(stages, manifest, storage, dry_run=dry_run)
     plans: dict[str, StagePlan] = {}
     for name, stage in stages.items():
         ctx.upstream = {up: plans[up].tasks for up in stage.upstream}
-        tasks = stage.plan(ctx)
+        planned = stage.plan(ctx)
+        tasks = planned.tasks
+        config = {**stage.fingerprint_config(), **planned.fingerprint_inputs}
         record = fingerprint_record(
-            name, stage.fingerprint_config(), {up: plans[up].fingerprint for up in stage.upstream}
+            name, config, {up: plans[up].fingerprint for up in stage.upstream}
         )
         plan = StagePlan(stage, tasks, record)
-        planned = {t.shard_id for t in tasks}
+        planned_ids = {t.shard_id for t in tasks}
         for shard, marker in ledger.committed(stage.output_dir).items():
-            if shard not in planned:
+            if shard not in planned_ids:
                 plan.extra.append(shard)
             elif marker.get("fingerprint") == plan.fingerprint:
                 plan.committed.add(shard)
@@ -167,12 +180,19 @@ def write_plan(storage: Storage, plans: dict[str, StagePlan]) -> None:
     )
 
 
-def run_pipeline(
-    manifest: Manifest, *, force: bool = False, listener: RunListener | None = None
+def run_graph(
+    stages: dict[str, Stage],
+    manifest: Any,
+    storage: Storage,
+    make_executor: Callable[[], Executor],
+    *,
+    manifest_text: str,
+    force: bool = False,
+    listener: RunListener | None = None,
 ) -> RunSummary:
-    """Run (or resume) the manifest's stage graph. Raises LockHeld, FingerprintMismatch, ManifestError."""
+    """Run (or resume) a stage graph into `storage`; `manifest_text` is kept beside the shards.
+    Raises LockHeld, FingerprintMismatch."""
     listener = listener or RunListener()
-    storage = Storage(manifest.output)
     storage.check()
     started = time.time()
     with RunLock(storage) as lock:
@@ -182,8 +202,8 @@ def run_pipeline(
             cleaned += storage.clean_stray_temporaries(rel, recursive=True)
         if cleaned:
             log.info("removed %d temporary item(s) left by an interrupted run", cleaned)
-        storage.write_text(MANIFEST_REL, dump_manifest(manifest))
-        plans = plan_stages(manifest, storage, dry_run=False)
+        storage.write_text(MANIFEST_REL, manifest_text)
+        plans = plan_graph(stages, manifest, storage, dry_run=False)
         if not force:
             _check_mismatches(plans, storage.root)
         ledger = Ledger(storage)
@@ -217,9 +237,8 @@ def run_pipeline(
             listener.stage_planned(name, len(p.tasks), len(p.committed))
 
         if todo:
-            executor = make_executor(manifest)
-            ctx = StageContext(manifest, storage)
-            stages = {n: p.stage for n, p in plans.items()}
+            executor = make_executor()
+            ctx = stage_context(stages, manifest, storage)
             fp_records = {n: p.fp_record for n, p in plans.items()}
             for outcome in executor.execute(stages, todo, fp_records, ctx, satisfied, listener):
                 s = summary.stages[outcome.stage]

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dgaug.core.constants import TINY
+
 if TYPE_CHECKING:
     from dgaug.core.storage import Storage
     from dgaug.pipeline.resources import StageResources
@@ -69,16 +71,6 @@ class StageContext:
         return self.manifest.seed
 
 
-def model_worker_resources(on_cpu: bool) -> StageResources:
-    """A model stage's default workers: one on the CPU, else one per GPU of the cluster (each
-    loading the model once) with 4 CPUs for its image decoding and encoding."""
-    from dgaug.pipeline.resources import StageResources
-
-    if on_cpu:
-        return StageResources(workers=1, num_cpus=1, num_gpus=0)
-    return StageResources(workers=None, num_cpus=4, num_gpus=1)
-
-
 class Stage:
     """Base class of every stage. Knows nothing of Ray, retries or markers: the executor does.
 
@@ -129,3 +121,38 @@ class Stage:
 
     def teardown(self) -> None:
         """Once per worker after its last task: free memory."""
+
+
+class ModelStage(Stage):
+    """A stage that loads models once per worker (edsam, features): one worker per GPU of the
+    cluster, or one on the CPU, and its models released at teardown.
+
+    Subclasses name their models' attributes in `model_attrs` and load them in `setup`.
+    """
+
+    uses_gpu = True
+    model_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, manifest: Any):
+        super().__init__(manifest)
+        for attr in self.model_attrs:
+            setattr(self, attr, None)
+
+    def on_cpu(self) -> bool:
+        return self.config.device == "cpu" or self.config.model == TINY
+
+    def default_resources(self) -> StageResources:
+        """One worker on the CPU; else one per GPU (each loading the model once) with 4 CPUs for
+        its image decoding and encoding."""
+        from dgaug.pipeline.resources import StageResources
+
+        if self.on_cpu():
+            return StageResources(workers=1, num_cpus=1, num_gpus=0)
+        return StageResources(workers=None, num_cpus=4, num_gpus=1)
+
+    def teardown(self) -> None:
+        from dgaug.models.runtime import release_memory
+
+        for attr in self.model_attrs:
+            setattr(self, attr, None)
+        release_memory()

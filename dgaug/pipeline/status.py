@@ -6,11 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from dgaug.core.storage import DGAUG_DIR, Storage
+from dgaug.core.storage import PLAN_REL, Storage
 from dgaug.pipeline.ledger import Ledger
 from dgaug.pipeline.lock import LOCK_REL
-
-PLAN_REL = f"{DGAUG_DIR}/plan.json"
 
 
 @dataclass

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dgaug import __version__
 from dgaug.core.storage import Storage
@@ -28,6 +30,8 @@ class ReportResult:
 
 def build_report(
     output: str,
+    read_status: Callable[[str], Any],
+    stage_order: Sequence[str],
     *,
     dest: str | None = None,
     title: str | None = None,
@@ -38,7 +42,8 @@ def build_report(
 ) -> ReportResult:
     """Write the report of the run in `output` to `dest` (default OUTPUT/report/).
 
-    Works on a partial run: a section with nothing to show says so. Raises NothingToReport when
+    `read_status` and `stage_order` come from the caller (dgaug.job.report): the report reads
+    outputs, not the pipeline. Works on a partial run: a section with nothing to show says so. Raises NothingToReport when
     `output` does not exist, StorageError when it cannot be opened.
     """
     from dgaug.report import figures as fig
@@ -46,7 +51,7 @@ def build_report(
     from dgaug.report.page import render_page
     from dgaug.report.projection import project
 
-    view = read_run(output)
+    view = read_run(output, read_status, stage_order)
     t0 = time.perf_counter()
     sheet = build_sheet(view, samples, seed)
     points = project(view, max_points, seed, use_umap=use_umap)

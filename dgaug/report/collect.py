@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from dgaug.core.storage import Storage
-from dgaug.pipeline.status import PLAN_REL, OutputStatus, read_status
+from dgaug.core.storage import PLAN_REL, Storage
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RunView:
     """Everything the report shows about the run that is not pixels or features."""
 
     storage: Storage
-    status: OutputStatus
+    status: Any  # dgaug.pipeline.status.OutputStatus, the numbers `dgaug status` prints
     plan: dict[str, dict[str, Any]]  # stage -> plan.json entry (output_dir, shards, fingerprint)
     markers: dict[str, dict[int, dict[str, Any]]]  # stage -> the committed markers status counted
     trainings: list[Training]
@@ -84,12 +84,14 @@ def parse_time(text: Any) -> float | None:
         return None
 
 
-def read_run(output: str) -> RunView:
-    """The run in `output` (local path or fsspec URL). Raises NothingToReport if it is not there."""
+def read_run(output: str, read_status: Callable[[str], Any], stage_order: Sequence[str]) -> RunView:
+    """The run in `output` (local path or fsspec URL). Raises NothingToReport if it is not there.
+
+    `read_status` is what `dgaug status` uses, so both always agree; `stage_order` is the graph's.
+    """
     storage = Storage(output)
     if not storage.exists(""):
         raise NothingToReport(f"output {storage.root} does not exist: no run has written there yet")
-    # Counts per stage come from the same function as `dgaug status`, so both always agree.
     status = read_status(output)
     problems: list[str] = []
     try:
@@ -98,18 +100,16 @@ def read_run(output: str) -> RunView:
         plan, status.started = {}, False
         problems.append(f"{PLAN_REL}: unreadable ({e})")
     # plan.json's keys are sorted by name; the page lists stages in graph order.
-    plan = {n: plan[n] for n in sorted(plan, key=_graph_position)}
-    status.stages = {n: status.stages[n] for n in sorted(status.stages, key=_graph_position)}
+    order = list(stage_order)
+
+    def position(stage: str) -> tuple[int, str]:
+        return (order.index(stage) if stage in order else len(order), stage)
+
+    plan = {n: plan[n] for n in sorted(plan, key=position)}
+    status.stages = {n: status.stages[n] for n in sorted(status.stages, key=position)}
     # The markers read_status counted as done (planned shard, the plan's fingerprint).
     markers = {n: st.markers for n, st in status.stages.items()}
     return RunView(storage, status, plan, markers, read_trainings(storage, problems), problems)
-
-
-def _graph_position(stage: str) -> tuple[int, str]:
-    from dgaug.job.registry import STAGE_CLASSES
-
-    order = list(STAGE_CLASSES)
-    return (order.index(stage) if stage in order else len(order), stage)
 
 
 def read_trainings(storage: Storage, problems: list[str]) -> list[Training]:

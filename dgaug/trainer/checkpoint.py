@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dgaug.core import atomic
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -80,15 +81,8 @@ def save_checkpoint(
     # One metadata key: safetensors writes several in hash order, which would change the bytes.
     header = {"dgaug": json.dumps({**meta, "step": step, "optimizer": optim_rest}, sort_keys=True)}
     path = checkpoint_path(output, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
     for _, old in list_checkpoints(output)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -123,10 +117,5 @@ def latest_checkpoint(output: Path, fingerprint: str) -> Checkpoint | None:
 
 
 def remove_temporaries(output: Path) -> int:
-    folder = output / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return 0
-    stale = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+    """The checkpoints a killed `dgaug train` was writing."""
+    return atomic.remove_temporaries(output / CHECKPOINT_DIR)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -11,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from dgaug.core.hashing import derive_seed
 from dgaug.trainer.data import DataError, FeatureSet, Pair, decode_image
 
 
 def _seed(*parts: object) -> int:
     """A 63-bit seed from any parts: the same parts give the same stream on every machine."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derive_seed(*parts, byteorder="little")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from dgaug.core import atomic
+from dgaug.core.hashing import record_hash
 from dgaug.models.runtime import cpu_threads
 from dgaug.trainer.config import TrainConfig
 from dgaug.trainer.data import (
@@ -50,7 +50,7 @@ class TrainResult:
 def fingerprint(cfg: TrainConfig, model: str) -> str:
     record = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
     record["model"] = model
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return record_hash(record, 16)
 
 
 def resolve_model(cfg: TrainConfig) -> str:
@@ -298,25 +298,18 @@ def _remove_temporaries(output: Path) -> None:
     """A `dgaug train` killed inside _save_weights or _write_text leaves `.NAME.PID.tmp`; the
     names carry the pid, so no later run overwrites them: remove them before starting."""
     for name in (MODEL_FILE, TRAIN_JSON, RESULTS_JSON, RESULTS_MD):
-        for p in output.glob(f".{name}.*.tmp"):
-            p.unlink(missing_ok=True)
+        atomic.remove_temporaries(output, name)
 
 
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.atomic_path(path) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
+            tmp,
             metadata={"dgaug": json.dumps(meta, sort_keys=True)},
         )
-        with open(tmp, "rb") as f:  # as the checkpoints: on disk before the name says it is
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -324,6 +317,4 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.atomic_write(path, text)

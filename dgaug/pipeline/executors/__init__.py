@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING
 from dgaug.pipeline.executors.base import Executor, RunListener
 
 if TYPE_CHECKING:
-    from dgaug.job.manifest import Manifest
+    from dgaug.pipeline.resources import ExecutorConfig
 
 
-def make_executor(manifest: Manifest) -> Executor:
-    """The executor the manifest asks for; Ray is imported only when it is chosen."""
-    if manifest.executor.kind == "ray":
+def make_executor(config: ExecutorConfig) -> Executor:
+    """The executor the manifest's `executor` section asks for; Ray is imported only when chosen."""
+    if config.kind == "ray":
         from dgaug.pipeline.executors.ray import RayExecutor
 
-        return RayExecutor(manifest.executor)
+        return RayExecutor(config)
     from dgaug.pipeline.executors.local import LocalExecutor
 
-    return LocalExecutor(manifest.executor)
+    return LocalExecutor(config)
 
 
 __all__ = ["Executor", "RunListener", "make_executor"]

@@ -6,8 +6,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dgaug.core.constants import TINY
+
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY = "tiny-random"
 
 # Fields that only matter for objective `worst`: left out of the effective config otherwise.
 WORST_ONLY = ("reference_clip", "candidates", "refine_steps", "refine_lr", "score_size")

@@ -10,55 +10,40 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dgaug.core.shard_io import prefetch
-from dgaug.pipeline.stage import (
-    ShardResult,
-    ShardTask,
-    Stage,
-    StageContext,
-    model_worker_resources,
-)
-from dgaug.stages.edsam.config import TINY, EdsamConfig
+from dgaug.core.tars import write_deterministic_tar
+from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, StageContext
+from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, sample_json
 
 
-class EdsamStage(Stage):
+class EdsamStage(ModelStage):
     name = "edsam"
     output_dir = "edsam"
     upstream = ("download",)
-    uses_gpu = True
-
-    def __init__(self, manifest: Any):
-        super().__init__(manifest)
-        self._ldm: Any = None
-        self._clip: Any = None
-        self._sampler: Any = None
+    model_attrs = ("_ldm", "_clip", "_sampler")
 
     @property
     def config(self) -> EdsamConfig:
         return self.manifest.stages.edsam
-
-    def default_resources(self):
-        return model_worker_resources(self.config.device == "cpu" or self.config.model == TINY)
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The manifest seed (every sample's seed derives from it) and the effective config."""
         return {"seed": self.manifest.seed, "edsam": self.config.effective()}
 
     # -- plan
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
-        from dgaug.job.registry import stage_class
-
-        real = stage_class("download").output_dir
-        return [
-            ShardTask(
-                self.name,
-                up.shard_id,
-                inputs=(ctx.storage.url(f"{real}/{self.shard_name(up.shard_id)}.tar"),),
-                deps=(("download", up.shard_id),),
-                outputs=(f"{self.shard_name(up.shard_id)}.tar",),
-            )
-            for up in ctx.upstream["download"]
-        ]
+    def plan(self, ctx: StageContext) -> Plan:
+        return Plan(
+            [
+                ShardTask(
+                    self.name,
+                    up.shard_id,
+                    inputs=(ctx.upstream_url("download", up.shard_id),),
+                    deps=(("download", up.shard_id),),
+                    outputs=(f"{self.shard_name(up.shard_id)}.tar",),
+                )
+                for up in ctx.upstream["download"]
+            ]
+        )
 
     # -- work
     def setup(self, ctx: StageContext) -> None:
@@ -89,18 +74,9 @@ class EdsamStage(Stage):
             f", reference {self._clip.model_id}" if self._clip is not None else "",
         )
 
-    def teardown(self) -> None:
-        from dgaug.models.runtime import release_memory
-
-        self._sampler = self._ldm = self._clip = None
-        release_memory()
-
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         from dgaug.models.runtime import cpu_threads
-        from dgaug.stages.download.merge import write_deterministic_tar
 
-        if self._sampler is None:
-            self.setup(ctx)
         sampler = self._sampler
         sampler.seconds = {}
         failures: Counter[str] = Counter()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+
+from dgaug.core.hashing import derive_seed
 
 AlphaKind = Literal["scalar", "channel", "element"]
 # eps_fn(z_t, t) -> the noise prediction at integer timestep t (the same t for the whole batch).
@@ -25,8 +26,7 @@ def sample_seed(seed: int, key: str, j: int) -> int:
     It depends on nothing else (not on the batch, the shard or the worker), so a sample is the same
     whichever run, resume or executor produces it.
     """
-    digest = hashlib.sha256(f"{seed}/{key}/{j}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return derive_seed(seed, key, j)
 
 
 def sample_generator(seed: int) -> torch.Generator:

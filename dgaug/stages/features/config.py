@@ -6,8 +6,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TINY = "tiny-random"
-
 
 class FeaturesConfig(BaseModel):
     """CLIP image and caption embeddings of every real and ED-SAM sample, to Parquet."""

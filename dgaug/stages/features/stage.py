@@ -20,14 +20,8 @@ from dgaug.core.shard_io import (
     read_tar_samples,
     skip_reason,
 )
-from dgaug.pipeline.stage import (
-    ShardResult,
-    ShardTask,
-    Stage,
-    StageContext,
-    model_worker_resources,
-)
-from dgaug.stages.features.config import TINY, FeaturesConfig
+from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, StageContext
+from dgaug.stages.features.config import FeaturesConfig
 
 ORIGINS = ("real", "edsam")  # row order within a file: the real shard, then its ED-SAM samples
 
@@ -62,11 +56,11 @@ def _meta(members: dict[str, bytes]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-class FeaturesStage(Stage):
+class FeaturesStage(ModelStage):
     name = "features"
     output_dir = "features"
     shard_ext = ".parquet"
-    uses_gpu = True
+    model_attrs = ("_clip",)
 
     def __init__(self, manifest: Any):
         super().__init__(manifest)
@@ -74,7 +68,6 @@ class FeaturesStage(Stage):
         self.origins = ("real", "edsam") if self._with_edsam(edsam) else ("real",)
         # An instance attribute: which inputs this stage reads depends on the manifest.
         self.upstream = ("download", "edsam") if "edsam" in self.origins else ("download",)
-        self._clip: Any = None
 
     def _with_edsam(self, edsam: Any) -> bool:
         return bool(self.config.include_edsam and edsam is not None and edsam.enabled)
@@ -83,30 +76,24 @@ class FeaturesStage(Stage):
     def config(self) -> FeaturesConfig:
         return self.manifest.stages.features
 
-    def default_resources(self):
-        return model_worker_resources(self.config.device == "cpu" or self.config.model == TINY)
-
     def fingerprint_config(self) -> dict[str, Any]:
         return {"features": self.config.effective(), "origins": list(self.origins)}
 
     # -- plan
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
-        from dgaug.job.registry import stage_class
-
+    def plan(self, ctx: StageContext) -> Plan:
         tasks = []
         for up in ctx.upstream["download"]:
-            i, name = up.shard_id, self.shard_name(up.shard_id)
-            origins = [(o, stage_class(_STAGE_OF[o]).output_dir) for o in self.origins]
+            i, stages = up.shard_id, [_STAGE_OF[o] for o in self.origins]
             tasks.append(
                 ShardTask(
                     self.name,
                     i,
-                    inputs=tuple(ctx.storage.url(f"{d}/{name}.tar") for _, d in origins),
-                    deps=tuple((_STAGE_OF[o], i) for o, _ in origins),
-                    outputs=(f"{name}.parquet",),
+                    inputs=tuple(ctx.upstream_url(s, i) for s in stages),
+                    deps=tuple((s, i) for s in stages),
+                    outputs=(f"{self.shard_name(i)}.parquet",),
                 )
             )
-        return tasks
+        return Plan(tasks)
 
     # -- work
     def setup(self, ctx: StageContext) -> None:
@@ -122,20 +109,12 @@ class FeaturesStage(Stage):
             time.perf_counter() - t0,
         )
 
-    def teardown(self) -> None:
-        from dgaug.models.runtime import release_memory
-
-        self._clip = None
-        release_memory()
-
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         import pyarrow.parquet as pq
         import torch
 
         from dgaug.models.runtime import cpu_threads
 
-        if self._clip is None:
-            self.setup(ctx)
         cfg, clip = self.config, self._clip
         failures: Counter[str] = Counter()
         counts: Counter[str] = Counter()
