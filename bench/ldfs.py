@@ -38,14 +38,12 @@ from bench._common import (  # noqa: E402
     machine_line,
     write_json,
 )
+from dgaug.core.hashing import derive_seed  # noqa: E402
 from dgaug.stages.ldfs.config import LdfsConfig  # noqa: E402
-from dgaug.stages.ldfs.method import (  # noqa: E402
-    SourceFeatures,
-    derive_seed,
-    fit,
-    load_mapper,
-    synthesize,
-)
+from dgaug.stages.ldfs.data import SourceFeatures  # noqa: E402
+from dgaug.stages.ldfs.fit import fit  # noqa: E402
+from dgaug.stages.ldfs.mappers import load_mapper  # noqa: E402
+from dgaug.stages.ldfs.synthesis import synthesize  # noqa: E402
 from tests.controlled_space import compare_probes  # noqa: E402
 
 PACKAGES = ("dgaug", "torch", "numpy", "pydantic")

@@ -156,7 +156,10 @@ def compare_probes(
     """Probes on real photo features alone and with each method's synthesized `targets` features,
     scored on real features of the targets and of `other_domains` (never seen by any step)."""
     from dgaug.stages.ldfs.config import LdfsConfig
-    from dgaug.stages.ldfs.method import SourceFeatures, fit, load_mapper, synthesize
+    from dgaug.stages.ldfs.data import SourceFeatures
+    from dgaug.stages.ldfs.fit import fit
+    from dgaug.stages.ldfs.mappers import load_mapper
+    from dgaug.stages.ldfs.synthesis import synthesize
 
     sp = make_space(seed=seed, **HARD)
     x, labels, keys = sp.images("photo", per_class, seed=1000 + seed)

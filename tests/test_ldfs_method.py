@@ -13,25 +13,21 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from dgaug.stages.ldfs import method as ldfs_method
+from dgaug.stages.ldfs import synthesis as ldfs_synthesis
 from dgaug.stages.ldfs.config import LdfsConfig
-from dgaug.stages.ldfs.method import (
-    PerDomainMapper,
-    SharedMapper,
-    SourceFeatures,
-    TextBank,
+from dgaug.stages.ldfs.data import SourceFeatures
+from dgaug.stages.ldfs.fit import fit
+from dgaug.stages.ldfs.losses import (
     caption_contrastive_loss,
     class_consistency_loss,
-    draw_seed,
-    fit,
     lads_class_weights,
     lads_direction_loss,
-    load_mapper,
     local_direction_loss,
     pairwise_loss,
-    stochastic_text,
-    synthesize,
 )
+from dgaug.stages.ldfs.mappers import PerDomainMapper, SharedMapper, load_mapper
+from dgaug.stages.ldfs.synthesis import draw_seed, synthesize
+from dgaug.stages.ldfs.texts import TextBank, stochastic_text
 from tests.controlled_space import compare_probes, label_ids, make_space
 
 TARGETS = ["sketch", "painting"]
@@ -447,7 +443,7 @@ def test_draws_differ_and_do_not_depend_on_the_other_rows(space, source, monkeyp
         )
     assert draw_seed(7, "k", 0, 1) != draw_seed(7, "k", 1, 0) != draw_seed(8, "k", 1, 0)
     # small chunks (3 rows x 3 draws per pass): the same rows, in the same order
-    monkeypatch.setattr(ldfs_method, "SYNTH_CHUNK", 10)
+    monkeypatch.setattr(ldfs_synthesis, "SYNTH_CHUNK", 10)
     chunked = synthesize(mapper, source, space.text, cfg, seed=7)
     assert [(r["key"], r["domain"], r["draw"]) for r in chunked] == [
         (r["key"], r["domain"], r["draw"]) for r in rows

@@ -35,7 +35,7 @@ class LdfsConfig(BaseModel):
     conditioned on the target domain's text embedding, trained with per-instance text directions
     under stochastic text noise, a consistency loss and a pairwise regularizer. How e_k is formed,
     how the noise is tied between conditioning and directions, the attribute sampling, the class
-    weights and the early stopping are reconstructions, documented in `method.py`.
+    weights and the early stopping are reconstructions, documented in `fit.py`.
     """
 
     model_config = ConfigDict(extra="forbid")

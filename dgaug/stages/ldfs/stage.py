@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from typing import Any
 
-from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
-from dgaug.stages.features.config import TINY
+from dgaug.core.constants import TINY
+from dgaug.core.errors import DgaugError
+from dgaug.core.hashing import sha256_hex
+from dgaug.pipeline.stage import Plan, ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.ldfs.config import LdfsConfig
 
 MAPPER = "mapper.safetensors"
 CURVE = "curve.json"
+
+
+class AttributesError(DgaugError):
+    """The file `stages.ldfs.attributes` names is missing or malformed: found while planning, so
+    before any work. Worded as a manifest problem, since the manifest is what the user fixes."""
+
+    def __init__(self, problem: str):
+        self.problems = [problem]
+        super().__init__(f"1 problem(s):\n  {problem}")
 
 
 class _LdfsBase(Stage):
@@ -51,15 +61,13 @@ class _LdfsBase(Stage):
         }
 
     def _attributes_digest(self) -> str | None:
-        from dgaug.job.manifest import ManifestError
-
         path = self.config.attributes
         if path is None:
             return None
         try:  # read at planning time: a missing file stops the run before any work
-            return hashlib.sha256(_attributes_bytes(path)).hexdigest()
+            return sha256_hex(_attributes_bytes(path))
         except ValueError as e:
-            raise ManifestError([str(e)]) from None
+            raise AttributesError(str(e)) from None
 
     def setup(self, ctx: StageContext) -> None:
         from dgaug.models.clip import load_clip
@@ -83,33 +91,29 @@ class LdfsFitStage(_LdfsBase):
     """One task that reads every committed features shard: the barrier before synthesis."""
 
     name = "ldfs_fit"
-    section = "ldfs"
     output_dir = "ldfs/fit"
     upstream = ("features",)
     shard_ext = ".safetensors"
 
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
+    def plan(self, ctx: StageContext) -> Plan:
         ups = ctx.upstream["features"]
         if not ups:
-            return []
-        return [
-            ShardTask(
-                self.name,
-                0,
-                inputs=tuple(ctx.storage.url(f"features/{u.shard_id:05d}.parquet") for u in ups),
-                deps=tuple(("features", u.shard_id) for u in ups),
-                outputs=(MAPPER, CURVE),
-            )
-        ]
+            return Plan([])
+        task = ShardTask(
+            self.name,
+            0,
+            inputs=tuple(ctx.upstream_url("features", u.shard_id, ".parquet") for u in ups),
+            deps=tuple(("features", u.shard_id) for u in ups),
+            outputs=(MAPPER, CURVE),
+        )
+        return Plan([task])
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         from safetensors.torch import save_file
 
         from dgaug.models.runtime import cpu_threads
-        from dgaug.stages.ldfs.method import fit
+        from dgaug.stages.ldfs.fit import fit
 
-        if self._clip is None:
-            self.setup(ctx)
         data = read_source_features(task.inputs)
         t0 = time.perf_counter()
         with cpu_threads(self.features.cpu_threads, self._clip.device):
@@ -158,7 +162,6 @@ class LdfsStage(_LdfsBase):
     """Per features shard: K' synthesized features per real feature and target domain."""
 
     name = "ldfs"
-    section = "ldfs"
     output_dir = "ldfs"
     upstream = ("features", "ldfs_fit")
     shard_ext = ".parquet"
@@ -168,27 +171,30 @@ class LdfsStage(_LdfsBase):
         self._mapper: Any = None
         self._mapper_sha: str | None = None
 
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
-        mapper = ctx.storage.url(f"{LdfsFitStage.output_dir}/{MAPPER}")
-        return [
-            ShardTask(
-                self.name,
-                u.shard_id,
-                inputs=(ctx.storage.url(f"features/{u.shard_id:05d}.parquet"), mapper),
-                deps=(("features", u.shard_id), ("ldfs_fit", 0)),
-                outputs=(f"{u.shard_id:05d}.parquet",),
-            )
-            for u in ctx.upstream["features"]
-        ]
+    def plan(self, ctx: StageContext) -> Plan:
+        # The fit's one output is not a numbered shard: named in its folder, not by upstream_url.
+        mapper = ctx.storage.url(f"{ctx.output_dirs[LdfsFitStage.name]}/{MAPPER}")
+        return Plan(
+            [
+                ShardTask(
+                    self.name,
+                    u.shard_id,
+                    inputs=(ctx.upstream_url("features", u.shard_id, ".parquet"), mapper),
+                    deps=(("features", u.shard_id), (LdfsFitStage.name, 0)),
+                    outputs=(f"{self.shard_name(u.shard_id)}.parquet",),
+                )
+                for u in ctx.upstream["features"]
+            ]
+        )
 
     def _load_mapper(self, url: str) -> Any:
         """The committed mapper, read once per worker (again only if its bytes changed)."""
         from safetensors.torch import load
 
-        from dgaug.stages.ldfs.method import load_mapper
+        from dgaug.stages.ldfs.mappers import load_mapper
 
         raw = _read_bytes(url)
-        sha = hashlib.sha256(raw).hexdigest()
+        sha = sha256_hex(raw)
         if sha != self._mapper_sha:
             state = load(raw)
             dim = _mapper_dim(raw)
@@ -199,10 +205,8 @@ class LdfsStage(_LdfsBase):
         import pyarrow.parquet as pq
 
         from dgaug.models.runtime import cpu_threads
-        from dgaug.stages.ldfs.method import synthesize
+        from dgaug.stages.ldfs.synthesis import synthesize
 
-        if self._clip is None:
-            self.setup(ctx)
         mapper = self._load_mapper(task.inputs[1])
         data = read_source_features(task.inputs[:1])
         with cpu_threads(self.features.cpu_threads, self._clip.device):
@@ -271,7 +275,7 @@ def read_source_features(urls: Any) -> Any:
     import pyarrow.parquet as pq
     import torch
 
-    from dgaug.stages.ldfs.method import SourceFeatures
+    from dgaug.stages.ldfs.data import SourceFeatures
 
     keys: list[str] = []
     labels: list[Any] = []
