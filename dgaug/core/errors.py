@@ -18,3 +18,20 @@ class DgaugError(Exception):
 
     def lines(self) -> list[str]:
         return [f"error: {self}"]
+
+
+class ManifestError(DgaugError):
+    """A manifest that cannot be used; `problems` lists every `field.path: message` found.
+
+    It lives here, not beside the Manifest, so that a stage checking its own section's files
+    (LDFS's attributes) reports in the same words without importing the job layer."""
+
+    exit_code = INVALID
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(
+            f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  {p}" for p in problems)
+        )

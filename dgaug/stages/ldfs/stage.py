@@ -8,22 +8,13 @@ import time
 from typing import Any
 
 from dgaug.core.constants import TINY
-from dgaug.core.errors import DgaugError
+from dgaug.core.errors import ManifestError
 from dgaug.core.hashing import sha256_hex
 from dgaug.pipeline.stage import Plan, ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.ldfs.config import LdfsConfig
 
 MAPPER = "mapper.safetensors"
 CURVE = "curve.json"
-
-
-class AttributesError(DgaugError):
-    """The file `stages.ldfs.attributes` names is missing or malformed: found while planning, so
-    before any work. Worded as a manifest problem, since the manifest is what the user fixes."""
-
-    def __init__(self, problem: str):
-        self.problems = [problem]
-        super().__init__(f"1 problem(s):\n  {problem}")
 
 
 class _LdfsBase(Stage):
@@ -67,7 +58,7 @@ class _LdfsBase(Stage):
         try:  # read at planning time: a missing file stops the run before any work
             return sha256_hex(_attributes_bytes(path))
         except ValueError as e:
-            raise AttributesError(str(e)) from None
+            raise ManifestError([str(e)]) from None  # the manifest names the file
 
     def setup(self, ctx: StageContext) -> None:
         from dgaug.models.clip import load_clip
