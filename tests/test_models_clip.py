@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 
+from dgaug.core.constants import TINY as TINY_RANDOM
 from dgaug.models import clip as clip_module
+from dgaug.models import runtime
 from dgaug.models.clip import (
     TINY_ARCH,
     TINY_CONFIG,
-    TINY_RANDOM,
     ClipModel,
     load_clip,
     parse_clip_spec,
@@ -302,7 +303,7 @@ def test_unreachable_hub_is_one_line(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError("[Errno -2] Name or service not known\nretrying...")
 
-    monkeypatch.setattr(clip_module, "_hub_offline", lambda: False)
+    monkeypatch.setattr(runtime, "hub_offline", lambda: False)
     monkeypatch.setattr(clip_module.open_clip, "download_pretrained", unreachable)
     with pytest.raises(ModelError) as info:
         load_clip("ViT-L-14:openai")

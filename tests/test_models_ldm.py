@@ -10,18 +10,16 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
+from dgaug.core.constants import TINY as TINY_RANDOM
 from dgaug.models.errors import ModelError
 from dgaug.models.ldm import (
-    SD15_TEXT_CONFIG,
-    SD15_UNET_CONFIG,
-    SD15_VAE_CONFIG,
     SUBFOLDERS,
-    TINY_RANDOM,
     LatentDiffusion,
     from_components,
     load_ldm,
     tiny_random_components,
 )
+from dgaug.models.ldm_presets import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from dgaug.models.tokenizer import clip_tokenizer, clip_tokenizer_files
 
 CAPTIONS = ["a photo of a cat", "a dog on a beach"]
@@ -175,7 +173,7 @@ def test_sample_prediction_is_refused():
 def test_inpainting_unet_is_refused():
     from diffusers import UNet2DConditionModel
 
-    from dgaug.models.ldm import TINY_UNET_CONFIG
+    from dgaug.models.ldm_presets import TINY_UNET_CONFIG
 
     parts = tiny_random_components(0)
     parts["unet"] = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 9})

@@ -20,53 +20,44 @@ offline (``HF_HUB_OFFLINE=1``), and pickles are read only with ``torch.load(weig
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import copy
 import difflib
 import functools
-import json
 import logging
 import os
-import pickle
-import re
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import open_clip
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants as hf_constants
 from PIL import Image
 
-from dgaug.models.errors import ModelError
+from dgaug.core.constants import TINY
+from dgaug.models.clip_checkpoint import SUFFIXES, build_for_checkpoint, load_state, read_state_dict
+from dgaug.models.clip_hub import build_hf_hub, build_pretrained
+from dgaug.models.clip_tiny import TINY_ARCH, TINY_CONFIG, build_tiny, register_tiny_config
+from dgaug.models.errors import ModelError, brief
+from dgaug.models.runtime import resolve_device
+
+# TINY_CONFIG and register_tiny_config are part of this module's interface (tests build the tiny
+# architecture from them); they live with the rest of the tiny model.
+__all__ = [
+    "TINY_ARCH",
+    "TINY_CONFIG",
+    "ClipModel",
+    "load_clip",
+    "parse_clip_spec",
+    "register_tiny_config",
+]
 
 log = logging.getLogger(__name__)
 
-TINY_RANDOM = "tiny-random"
-TINY_ARCH = "dgaug-tiny"
-# Small enough for a batch of 16 in milliseconds on a CPU, but a real open_clip CLIP (ViT image
-# tower, causal text transformer, the standard 49408-token BPE vocabulary) so every code path that
-# runs on a real model runs on this one.
-TINY_CONFIG: dict = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
 SPEC_GRAMMAR = (
     "'tiny-random', 'ARCH:TAG' (e.g. ViT-B-32:laion2b_s34b_b79k), 'hf-hub:ORG/NAME' or "
     "'ARCH:/path/to/weights.safetensors' (.pt/.pth/.bin also read)"
 )
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# open_clip's file names on the hub (open_clip.constants); the safetensors one is preferred.
-_HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-_HF_CONFIG = "open_clip_config.json"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -178,7 +169,7 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None, str | None]:
     ARCH may be written the OpenAI way (``ViT-B/32``); it is returned as open_clip names it.
     """
     spec = spec.strip()
-    if spec == TINY_RANDOM:
+    if spec == TINY:
         return "tiny-random", TINY_ARCH, None
     if spec.startswith("hf-hub:"):
         repo = spec.removeprefix("hf-hub:")
@@ -198,7 +189,7 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None, str | None]:
         "/" in rest
         or os.sep in rest
         or rest.startswith((".", "~"))
-        or rest.lower().endswith(_CHECKPOINT_SUFFIXES)
+        or rest.lower().endswith(SUFFIXES)
     )
     return ("checkpoint" if is_path else "pretrained"), arch, rest
 
@@ -223,28 +214,30 @@ def load_clip(
     Raises ModelError, one line, for anything the user can fix.
     """
     kind, arch, ref = parse_clip_spec(spec)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dtype = _resolve_precision(precision, dev)
     register_tiny_config()
     if kind == "tiny-random":
-        model, preprocess = _build_tiny(seed)
+        model, preprocess = build_tiny(seed)
         tokenizer_name = TINY_ARCH
     elif kind == "checkpoint":
         path = Path(ref).expanduser()
-        state = _read_state_dict(path)  # first: a bad file fails before a large model is built
-        model, preprocess = _build_for_checkpoint(arch)
-        _load_state(model, state, path, arch)
+        state = read_state_dict(path)  # first: a bad file fails before a large model is built
+        _check_arch(arch)
+        model, preprocess = build_for_checkpoint(arch)
+        load_state(model, state, path, arch)
         tokenizer_name = arch
     elif kind == "pretrained":
-        model, preprocess = _build_pretrained(arch, ref, cache_dir)
+        _check_arch(arch)
+        model, preprocess = build_pretrained(arch, ref, cache_dir)
         tokenizer_name = arch
     else:
-        model, preprocess = _build_hf_hub(ref, cache_dir)
+        model, preprocess = build_hf_hub(ref, cache_dir)
         tokenizer_name = f"hf-hub:{ref}"
     try:
         tokenizer = _tokenizer(tokenizer_name, cache_dir)
     except Exception as e:
-        raise ModelError(f"the tokenizer for {spec} could not be loaded ({_brief(e)})") from e
+        raise ModelError(f"the tokenizer for {spec} could not be loaded ({brief(e)})") from e
 
     model = model.to(dev).eval().requires_grad_(False)
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -276,53 +269,21 @@ def load_clip(
     return clip
 
 
-_registry_lock = threading.Lock()
-_tiny_registered = False
-
-
-def register_tiny_config() -> str:
-    """Make ``dgaug-tiny`` an open_clip architecture in this process (idempotent); returns its name.
-
-    open_clip reads architectures only from JSON files, so the config is written to a temporary
-    folder (removed at exit). After this, open_clip.create_model("dgaug-tiny") works as for a real
-    architecture, which is what lets ``dgaug-tiny:/path/to/weights`` load like any checkpoint.
-    """
-    global _tiny_registered
-    with _registry_lock:
-        if not _tiny_registered:
-            if TINY_ARCH not in open_clip.list_models():
-                folder = tempfile.mkdtemp(prefix="dgaug-open-clip-")
-                atexit.register(shutil.rmtree, folder, ignore_errors=True)
-                path = Path(folder) / f"{TINY_ARCH}.json"
-                path.write_text(json.dumps(TINY_CONFIG))
-                open_clip.add_model_config(path)
-            _tiny_registered = True
-    return TINY_ARCH
+def _check_arch(arch: str) -> None:
+    known = open_clip.list_models()
+    if arch not in known:
+        near = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ModelError(
+            f"unknown CLIP architecture {arch!r}{hint} (one of the {len(known)} names in "
+            "open_clip.list_models())"
+        )
 
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(name: str, cache_dir: str | None) -> Callable[[Sequence[str]], torch.Tensor]:
     # Building the BPE tokenizer parses its whole vocabulary; every model of an arch shares one.
     return open_clip.get_tokenizer(name, cache_dir=cache_dir)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ModelError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError(f"device {device!r} asked for, but no CUDA GPU is visible here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(
-                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
-            )
-    return dev
 
 
 # The manifests spell dtypes out, as torch does; open_clip's short names are accepted too.
@@ -340,257 +301,3 @@ def _resolve_precision(precision: str, dev: torch.device) -> torch.dtype:
     if precision == "fp16" and dev.type != "cuda":
         raise ModelError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return _AUTOCAST[precision]
-
-
-def _build_tiny(seed: int) -> tuple[torch.nn.Module, Callable]:
-    # fork_rng: the weights depend on `seed` alone, and the caller's global RNG stream is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.CLIP(**copy.deepcopy(TINY_CONFIG))
-    size = TINY_CONFIG["vision_cfg"]["image_size"]
-    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    open_clip.set_model_preprocess_cfg(
-        model,
-        {
-            "size": size,
-            "mode": "RGB",
-            "mean": mean,
-            "std": std,
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-            "fill_color": 0,
-        },
-    )
-    return model, open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-
-
-def _check_arch(arch: str) -> None:
-    known = open_clip.list_models()
-    if arch not in known:
-        near = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise ModelError(
-            f"unknown CLIP architecture {arch!r}{hint} (one of the {len(known)} names in "
-            "open_clip.list_models())"
-        )
-
-
-def _build_for_checkpoint(arch: str) -> tuple[torch.nn.Module, Callable]:
-    _check_arch(arch)
-    try:
-        # pretrained_text/image False: tower weights come from the checkpoint, never the hub.
-        with _no_random_init_warning():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=None, pretrained_text=False, pretrained_image=False
-            )
-    except Exception as e:
-        raise ModelError(f"CLIP architecture {arch} could not be built ({_brief(e)})") from e
-    return model, preprocess
-
-
-RANDOM_TAG = "random"  # ARCH:random, e.g. ViT-L-14:random: random weights for benchmarks
-
-
-def _build_pretrained(
-    arch: str, tag: str, cache_dir: str | None
-) -> tuple[torch.nn.Module, Callable]:
-    _check_arch(arch)
-    if tag == RANDOM_TAG:
-        # The architecture with freshly initialised weights: timing runs need the shapes only.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(arch)
-        return model, preprocess
-    if not open_clip.is_pretrained_cfg(arch, tag):
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        known = f"known tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
-        raise ModelError(
-            f"unknown pretrained tag {tag!r} for {arch}; {known} "
-            f"(or give local weights as {arch}:/path/to/weights.safetensors)"
-        )
-    cfg = open_clip.get_pretrained_cfg(arch, tag)
-    repo, filename = os.path.split(cfg.get("hf_hub", ""))
-    files = [_weight_names(filename)] if repo else []
-    advice = _advice(f"open_clip.create_model('{arch}', pretrained='{tag}')", arch)
-    _ensure_cached(cfg, repo, files, f"{arch}/{tag}", advice, cache_dir)
-    try:
-        # The tag says whether its weights were trained with QuickGELU; open_clip only warns about
-        # a mismatch, and the model would then compute with the wrong activation.
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")), cache_dir=cache_dir
-        )
-    except Exception as e:
-        raise ModelError(f"CLIP {arch}:{tag} could not be loaded ({_brief(e)})") from e
-    return model, preprocess
-
-
-def _build_hf_hub(repo: str, cache_dir: str | None) -> tuple[torch.nn.Module, Callable]:
-    what = f"hf-hub:{repo}"
-    advice = _advice(f"open_clip.create_model('{what}')", None)
-    # open_clip fetches these itself, but goes on with random weights when the weights fail to
-    # come; fetching them first turns that into an error.
-    _ensure_cached(
-        {"hf_hub": f"{repo}/{_HF_CONFIG}"}, repo, [[_HF_CONFIG]], what, advice, cache_dir
-    )
-    _ensure_cached({"hf_hub": f"{repo}/"}, repo, [_weight_names("")], what, advice, cache_dir)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            f"hf-hub:{repo}", cache_dir=cache_dir
-        )
-    except Exception as e:
-        raise ModelError(f"CLIP {what} could not be loaded ({_brief(e)})") from e
-    return model, preprocess
-
-
-def _hub_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; reading it again here makes a setting
-    # made later in the process (a test, a notebook) count too.
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(hf_constants.HF_HUB_OFFLINE) or any(
-        f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags
-    )
-
-
-def _weight_names(filename: str) -> list[str]:
-    """The names open_clip tries for a weights file on the hub, its safetensors twin first."""
-    if not filename or filename in _HF_WEIGHTS:
-        return list(_HF_WEIGHTS)
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
-
-
-def _advice(how: str, arch: str | None) -> str:
-    local = f"{arch or 'ARCH'}:/path/to/weights.safetensors"
-    return (
-        f"download them once on a machine with network ({how}, then copy the Hugging Face cache, "
-        f"HF_HUB_CACHE), or give a local checkpoint ({local})"
-    )
-
-
-def _ensure_cached(
-    cfg: dict, repo: str, files: list[list[str]], what: str, advice: str, cache_dir: str | None
-) -> None:
-    """Make sure the hub files behind `cfg` are in the local cache: look there offline, else fetch.
-
-    files: groups of alternative names, one of each group needed (e.g. safetensors or .bin).
-    """
-    if not _hub_offline():
-        try:
-            open_clip.download_pretrained(cfg, cache_dir=cache_dir)
-        except Exception as e:
-            raise ModelError(
-                f"weights for {what} are not in the local cache and the hub cannot be reached "
-                f"({_brief(e)}); {advice}"
-            ) from e
-        return
-    for names in files or [[]]:  # no file names: a URL-only tag, which has no hub cache entry
-        found = [
-            huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-            for name in names
-        ]
-        if not any(isinstance(f, str) for f in found):
-            raise ModelError(
-                f"weights for {what} are not in the local cache and the hub cannot be reached "
-                f"(offline: HF_HUB_OFFLINE is set); {advice}"
-            )
-
-
-def _load_state(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str
-) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelError(
-            f"checkpoint {path} does not fit {arch}: {len(missing)} missing keys "
-            f"{_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
-        )
-    for key, value in state.items():
-        # Scalar parameters (logit_scale) are saved as shape [] or [1] depending on the version.
-        if value.shape != own[key].shape and value.numel() == own[key].numel() == 1:
-            state[key] = value.reshape(own[key].shape)
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if v.shape != own[k].shape
-    ]
-    if wrong:
-        raise ModelError(
-            f"checkpoint {path} does not fit {arch}: {len(wrong)} tensors differ in shape "
-            f"(checkpoint vs model): {_few(wrong)}"
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise ModelError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} is not a file")
-    try:
-        if path.suffix == ".safetensors":
-            obj = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            # weights_only=True: a checkpoint is data, and loading one must never run its code.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch raises the same error for a pickle that would run code and for one that is
-        # corrupt; only its message tells them apart.
-        text = str(e)
-        code = re.search(
-            r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked", text
-        )
-        if code:
-            raise ModelError(
-                f"checkpoint {path} is refused: unpickling it would run code "
-                f"({code.group(1) or code.group(2)}) and checkpoints are only read with "
-                "torch.load(weights_only=True); re-save it as a plain state dict or safetensors"
-            ) from e
-        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines() or ["?"]
-        raise ModelError(f"checkpoint {path} could not be read ({detail[0]})") from e
-    except Exception as e:
-        raise ModelError(f"checkpoint {path} could not be read ({_brief(e)})") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not (
-        isinstance(obj, Mapping)
-        and obj
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    ):
-        raise ModelError(
-            f"checkpoint {path} holds no state dict of tensors "
-            "(expected a state dict, or {'state_dict': ...} as open_clip training writes)"
-        )
-    # open_clip training saves DistributedDataParallel-wrapped weights, named module.*
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _no_random_init_warning() -> Iterator[None]:
-    # open_clip warns "Model initialized randomly" on the root logger when it builds an
-    # architecture for us to load a checkpoint into; that warning would mislead the reader.
-    drop = _DropRandomInitWarning()
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
-def _few(items: Sequence[str], n: int = 4) -> str:
-    shown = ", ".join(items[:n])
-    return f"[{shown}{', ...' if len(items) > n else ''}]"
-
-
-def _brief(e: BaseException) -> str:
-    """The first line of an exception, shortened: ModelError messages stay on one line."""
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= 240 else text[:237] + "..."

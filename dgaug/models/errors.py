@@ -5,9 +5,13 @@ from __future__ import annotations
 import pickle
 import re
 
+from dgaug.core.errors import INVALID, DgaugError
 
-class ModelError(Exception):
+
+class ModelError(DgaugError):
     """A model that cannot be loaded or run here, said in one line the user can act on."""
+
+    exit_code = INVALID
 
 
 _BLOCKED = re.compile(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked")
@@ -30,3 +34,9 @@ def code_in_pickle(exc: BaseException) -> str | None:
                 return m.group(1) or m.group(2)
         e = e.__cause__ or e.__context__
     return None
+
+
+def brief(e: BaseException, limit: int | None = 240) -> str:
+    """The first line of an exception, cut to `limit` characters: messages stay on one line."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,131 +14,31 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from dgaug.models.errors import ModelError, code_in_pickle
-from dgaug.models.tokenizer import clip_tokenizer
+from dgaug.core.constants import TINY
+from dgaug.models.errors import ModelError, brief, code_in_pickle
+from dgaug.models.ldm_presets import (
+    ddim_scheduler,
+    sd15_shaped_random_components,
+    tiny_random_components,
+)
+from dgaug.models.runtime import hub_offline, resolve_device
+
+# The random-weight parts are part of this module's interface (benchmarks and tests build models
+# from them); they live with the configs they are built from.
+__all__ = [
+    "SUBFOLDERS",
+    "LatentDiffusion",
+    "from_components",
+    "load_ldm",
+    "sd15_shaped_random_components",
+    "tiny_random_components",
+]
 
 log = logging.getLogger(__name__)
 
-TINY_RANDOM = "tiny-random"
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-
-# SD's noise schedule (SD-1.x/2.x scheduler_config.json, as a DDIM config).
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-
-# SD-1.5's unet/config.json, written out so benchmarks need no download. "attention_head_dim" 8 is
-# really the number of heads (a naming slip diffusers keeps for SD-1.x checkpoints).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": (
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "center_input_sample": False,
-}
-
-# SD-1.5's vae/config.json.
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "sample_size": 512,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "scaling_factor": 0.18215,
-}
-
-# SD-1.5's text_encoder/config.json: the text tower of OpenAI CLIP ViT-L/14.
-SD15_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "projection_dim": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-
-# Small enough that a 64 px image goes through encode, a guided UNet step and decode on CPU in
-# well under a second, shaped like SD (cross-attention in the UNet, a KL VAE, a CLIP text tower).
-TINY_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 4,
-    "norm_num_groups": 32,
-}
-TINY_VAE_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.18215,
-}
-TINY_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,  # the real CLIP vocabulary, so any caption tokenizes as it would in SD
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "projection_dim": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -260,61 +159,6 @@ def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
     raise ValueError(f"conditioning batch {x.shape[0]} does not match latent batch {b}")
 
 
-def _scheduler(config: Any) -> DDIMScheduler:
-    # Always DDIM, whatever the checkpoint shipped (SD-1.5 ships PNDM): the ED-SAM sampler takes
-    # its own deterministic DDIM steps from alphas_cumprod and needs DDIM's timestep layout.
-    return DDIMScheduler.from_config(config)
-
-
-def tiny_random_components(seed: int = 0) -> dict[str, Any]:
-    """A tiny SD-shaped model with seeded random weights; keys as StableDiffusionImg2ImgPipeline's."""
-    return _random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, seed)
-
-
-def sd15_shaped_random_components(seed: int = 0) -> dict[str, Any]:
-    """SD-1.5's architecture (~1.07 B parameters) with random weights, for timing on a GPU."""
-    return _random_components(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, seed)
-
-
-def _random_components(
-    unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any], seed: int
-) -> dict[str, Any]:
-    # Seed before each model so one model's config never changes another's weights, and leave the
-    # caller's global RNG as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**vae_cfg)
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_cfg)
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    return {
-        "vae": vae.eval(),
-        "unet": unet.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": clip_tokenizer(),
-        "scheduler": _scheduler(SD_SCHEDULER_CONFIG),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "image_encoder": None,
-    }
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"device {device!r} is not a device; use auto, cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(
-            f"device {device!r} needs a CUDA GPU, and this machine has none; "
-            "set device: cpu (or auto) to run on the CPU"
-        )
-    return dev
-
-
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda":
@@ -329,12 +173,6 @@ def _vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
     # SD's VAE overflows float16's range in the decoder (NaN / black images; diffusers marks such
     # VAEs with force_upcast), so it stays float32 there. bfloat16 has float32's range: kept.
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
-
-
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in flags)
 
 
 def _local_folder(spec: str) -> Path | None:
@@ -360,7 +198,7 @@ def _local_folder(spec: str) -> Path | None:
 
 def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[str, Any]:
     source = str(local) if local is not None else spec
-    local_only = local is not None or _offline()
+    local_only = local is not None or hub_offline()
     # Without accelerate, diffusers first initializes every weight at random (a full extra copy
     # and seconds of CPU) and prints a multi-line notice; say it once, in one line, instead.
     low_mem = importlib.util.find_spec("accelerate") is not None
@@ -399,7 +237,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[
             source, subfolder="tokenizer", local_files_only=local_only
         )
         component = "scheduler"
-        scheduler = _scheduler(
+        scheduler = ddim_scheduler(
             DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
         )
     except ModelError:
@@ -412,7 +250,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[
                 f"code when unpickled ({code}); weights are read only as safetensors or with "
                 "torch.load(weights_only=True): re-save them as safetensors"
             ) from exc
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = brief(exc, limit=None)
         if local is not None:
             hint = "check that the folder holds a complete diffusers checkpoint"
         elif local_only:
@@ -470,14 +308,14 @@ def from_components(
     compile: bool = False,
 ) -> LatentDiffusion:
     """Wrap already-built parts (e.g. sd15_shaped_random_components()) as a LatentDiffusion."""
-    dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else _resolve_dtype(dtype, dev)
     vae: AutoencoderKL = components["vae"]
     unet: UNet2DConditionModel = components["unet"]
     text_encoder: CLIPTextModel = components["text_encoder"]
     scheduler = components["scheduler"]
     if not isinstance(scheduler, DDIMScheduler):
-        scheduler = _scheduler(scheduler.config)
+        scheduler = ddim_scheduler(scheduler.config)
     _check_supported(model_id, unet, vae, scheduler)
     # Frozen: a caller that backpropagates to z_t must not build gradients for the weights.
     for m in (vae, unet, text_encoder):
@@ -521,9 +359,9 @@ def load_ldm(
     seed: int = 0,
 ) -> LatentDiffusion:
     """Load "tiny-random", a hub id or a local diffusers folder; ModelError in one line if not."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
-    if spec == TINY_RANDOM:
+    if spec == TINY:
         parts = tiny_random_components(seed)
         return from_components(
             parts, model_id=spec, tiny=True, device=dev, dtype=dt, compile=compile
