@@ -403,7 +403,7 @@ def prepare_images(args: argparse.Namespace) -> tuple[Path, list[tuple[str, str]
     """Procedural JPEGs at the source size, cached across bench runs; (root, [(rel path, caption)])."""
     import pyarrow.parquet as pq
 
-    from dgaug.sources.synthetic import write_synthetic_dataset
+    from dgaug.sources.imageset import write_synthetic_dataset
 
     root = args.cache / f"synthetic-{args.image_size}px-seed{args.seed}"
     t0 = time.perf_counter()

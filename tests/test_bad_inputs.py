@@ -38,9 +38,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dgaug.core.shard_io import BadImage, open_rgb
-from dgaug.job.manifest import UrlListSource, validate
-from dgaug.pipeline.run import RunSummary
+from dgaug.job.manifest import validate
 from dgaug.job.run import run_pipeline
+from dgaug.pipeline.run import RunSummary
+from dgaug.sources import UrlListSource
 from dgaug.stages.download.merge import failure_reason
 from tests.helpers import REPO, loopback_server, write_tar
 

@@ -25,7 +25,8 @@ import pytest
 from PIL import Image
 
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import RunSummary, run_pipeline
+from dgaug.job.run import run_pipeline
+from dgaug.pipeline.run import RunSummary
 from dgaug.stages.download.merge import failure_reason
 from dgaug.stages.download.urls import sample_key
 from tests.helpers import loopback_server
@@ -396,7 +397,7 @@ def test_runs_from_python_c_and_leaves_no_helper_process(tmp_path: Path) -> None
     code = (
         "import json, sys\n"
         "from dgaug.job.manifest import validate\n"
-        "from dgaug.pipeline.run import run_pipeline\n"
+        "from dgaug.job.run import run_pipeline\n"
         "from dgaug.stages.download.launcher import launcher\n"
         "s = run_pipeline(validate(json.loads(sys.argv[1])))\n"
         "print(launcher()._proc.pid, s.ok, s.stages['download'].samples)\n"

@@ -13,10 +13,12 @@ import pytest
 from PIL import Image
 
 from dgaug.job.manifest import ImageFolderSource, validate
-from dgaug.pipeline.run import run_pipeline
-from dgaug.stages.download.ingest import _iter_samples, expand_shards
-from dgaug.stages.download.sources import check_source_readable, list_image_folder
-from dgaug.stages.download.urls import SourceError, sample_key
+from dgaug.job.run import run_pipeline
+from dgaug.sources import SourceError
+from dgaug.sources.image_folder import list_image_folder
+from dgaug.sources.shards import expand_shards
+from dgaug.stages.download.ingest import _iter_samples
+from dgaug.stages.download.urls import sample_key
 from tests.helpers import write_tar
 
 DOMAINS = ("photo", "sketch")
@@ -103,7 +105,7 @@ def test_list_image_folder_errors(folder, tmp_path):
             "source": {"kind": "image_folder", "path": str(folder), "domains": ["art"]},
         }
     )
-    assert check_source_readable(m)[0].startswith("source.domains: ['art'] not found")
+    assert m.source.problems()[0].startswith("source.domains: ['art'] not found")
 
 
 def test_image_folder_end_to_end_keeps_label_and_domain(folder, tmp_path):

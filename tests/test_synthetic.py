@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dgaug.sources.synthetic import (
+from dgaug.sources.captions import make_caption
+from dgaug.sources.drawing import render_image
+from dgaug.sources.imageset import (
     DEFAULT_CLASSES,
     DEFAULT_STYLES,
     JPEG_QUALITY,
-    make_caption,
-    render_image,
     write_synthetic_dataset,
 )
 

@@ -9,16 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dgaug.core.storage import Storage
-from dgaug.job.manifest import UrlListSource
+from dgaug.sources import SourceError, UrlListSource, tabular
+from dgaug.sources.tabular import check_source, iter_rows
 from dgaug.stages.download import urls
-from dgaug.stages.download.urls import (
-    KEY_COL,
-    SourceError,
-    check_source,
-    iter_rows,
-    sample_key,
-    split_url_list,
-)
+from dgaug.stages.download.urls import KEY_COL, sample_key, split_url_list
 
 
 def _src(path, **kw) -> UrlListSource:
@@ -163,7 +157,7 @@ def test_glob_reads_files_in_sorted_order(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["parquet", "tsv", "csv"])
 def test_iter_rows_yields_at_most_batch_rows(tmp_path, monkeypatch, fmt):
-    monkeypatch.setattr(urls, "BATCH_ROWS", 7)
+    monkeypatch.setattr(tabular, "BATCH_ROWS", 7)
     rows = _rows(23)
     p = tmp_path / f"list.{fmt}"
     if fmt == "parquet":
@@ -180,7 +174,7 @@ def test_iter_rows_yields_at_most_batch_rows(tmp_path, monkeypatch, fmt):
 
 @pytest.mark.parametrize("fmt", ["parquet", "tsv"])
 def test_split_across_batch_boundaries(tmp_path, monkeypatch, fmt):
-    monkeypatch.setattr(urls, "BATCH_ROWS", 7)
+    monkeypatch.setattr(tabular, "BATCH_ROWS", 7)
     rows = _rows(23)
     p = tmp_path / f"list.{fmt}"
     _write_parquet(p, rows) if fmt == "parquet" else _write_tsv(p, rows)
@@ -229,7 +223,7 @@ def test_split_is_done_once(tmp_path, monkeypatch):
     def no_reading(*a, **kw):
         raise AssertionError("the url list was read again")
 
-    monkeypatch.setattr(urls, "iter_rows", no_reading)
+    monkeypatch.setattr(tabular, "iter_rows", no_reading)
     assert split_url_list(src, 5, storage) == (folder, n) == (folder, 3)
     assert _mtimes(storage.path(folder)) == before
 

@@ -248,9 +248,7 @@ def validate(manifest: ManifestArg, set_: SetOpt = None) -> None:
     """Check a manifest: every field, every problem at once with its path; and that the source
     can be read (files exist, columns present). Exits 0 when valid, 2 otherwise."""
     m = _load(manifest, set_)
-    from dgaug.stages.download.sources import check_source_readable
-
-    problems = check_source_readable(m)
+    problems = m.source.problems()
     if problems:
         raise _fail(
             exitcodes.INVALID,

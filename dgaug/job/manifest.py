@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dgaug.core.templates import check_template
 from dgaug.core.values import (
     MAX_DEPTH,
     check_protocols,
@@ -20,6 +18,13 @@ from dgaug.core.values import (
     value_problems,
 )
 from dgaug.pipeline.resources import ExecutorConfig, StageResources
+from dgaug.sources import (  # the source kinds' schemas, read from here with the rest
+    ImageFolderSource,  # noqa: F401
+    ShardsSource,  # noqa: F401
+    Source,
+    SyntheticSource,  # noqa: F401
+    UrlListSource,  # noqa: F401
+)
 from dgaug.stages.download.config import DownloadConfig
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
@@ -39,137 +44,8 @@ class ManifestError(Exception):
         )
 
 
-# What img2dataset's fetcher (urllib) can open; a url list allows a subset (see urls.py).
-FETCHABLE_SCHEMES = ("http", "https", "ftp", "file", "data")
-DEFAULT_SCHEMES = ("http", "https")
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# ---------------------------------------------------------------------------------------- sources
-
-
-class UrlListSource(_Strict):
-    """A url list as published for CC3M / CC12M (tsv) or LAION (parquet)."""
-
-    kind: Literal["url_list"]
-    path: str | list[str] = Field(
-        description="File, glob or list of files (local or fsspec URL); read in order."
-    )
-    input_format: Literal["tsv", "csv", "parquet", "txt"] = "tsv"
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    label_col: str | None = None
-    domain_col: str | None = None
-    column_names: list[str] | None = Field(
-        None, description="tsv/csv without a header line: the names of its columns, in order."
-    )
-    save_columns: list[str] = Field(
-        default_factory=list, description="Extra columns copied into each sample's json."
-    )
-    allowed_schemes: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_SCHEMES),
-        description="URL schemes img2dataset may fetch; a row with any other (file, ftp, data, "
-        "s3...) is skipped and counted as scheme_not_allowed.",
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
-        if not v:
-            raise ValueError("must name at least one file")
-        for p in [v] if isinstance(v, str) else v:
-            check_protocols(p)
-        return v
-
-    @field_validator("allowed_schemes")
-    @classmethod
-    def _schemes(cls, v: list[str]) -> list[str]:
-        schemes = [s.strip().lower().removesuffix("://").removesuffix(":") for s in v]
-        if not schemes:
-            raise ValueError(f"must name at least one scheme, e.g. {list(DEFAULT_SCHEMES)}")
-        unknown = sorted({s for s in schemes if s not in FETCHABLE_SCHEMES})
-        if unknown:
-            raise ValueError(
-                f"{unknown}: img2dataset fetches only {', '.join(FETCHABLE_SCHEMES)} URLs"
-            )
-        return sorted(set(schemes), key=schemes.index)
-
-    @model_validator(mode="after")
-    def _txt_has_only_urls(self) -> UrlListSource:
-        if self.input_format == "txt":
-            if "caption_col" in self.model_fields_set and self.caption_col:
-                raise ValueError("caption_col: a txt url list has one url per line, no captions")
-            self.caption_col = None
-        return self
-
-
-class ImageFolderSource(_Strict):
-    """A class dataset laid out as root/<domain>/<class>/*.jpg (PACS, OfficeHome, DomainNet)."""
-
-    kind: Literal["image_folder"]
-    path: str
-    domains: list[str] | None = Field(
-        None, description="Domains (sub-folders) to take; null takes all. Single-source DG: one."
-    )
-    caption_template: str = "a {domain} of a {label}"
-    extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-
-    @field_validator("caption_template")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        return check_template(v, ("domain", "label"))
-
-
-class ShardsSource(_Strict):
-    """Existing webdataset shards (jpg/png/webp + txt per sample), re-keyed into dgaug's layout."""
-
-    kind: Literal["shards"]
-    path: str = Field(
-        description="Glob or brace pattern of .tar files, e.g. /data/{00000..00099}.tar"
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _braces(cls, v: str) -> str:
-        from braceexpand import braceexpand
-
-        if not v.strip():
-            raise ValueError("must not be empty")
-        try:
-            braceexpand(v)  # a generator: checks the braces without expanding the pattern
-        except ValueError as e:
-            raise ValueError(f"not a brace pattern: {e}") from None
-        return check_protocols(v)
-
-
-class SyntheticSource(_Strict):
-    """Procedural images of classes in visual styles (domains): the offline demo's data."""
-
-    kind: Literal["synthetic"]
-    num_images: int = Field(256, ge=1, le=1_000_000)
-    image_size: int = Field(64, ge=16, le=1024)
-    classes: list[str] | None = Field(None, description="null: the generator's default classes.")
-    styles: list[str] | None = Field(None, description="null: photo, sketch, cartoon, painting.")
-    eval_images: int = Field(
-        0,
-        ge=0,
-        le=1_000_000,
-        description="Also draw this many images with another seed into OUTPUT/eval/images/"
-        "<style>/<class>/: an evaluation image folder held out from the run's data.",
-    )
-
-    def data_record(self) -> dict[str, Any]:
-        """The fields that decide the run's own images (the evaluation folder is not one)."""
-        return self.model_dump(mode="json", exclude={"eval_images"})
-
-
-Source = Annotated[
-    UrlListSource | ImageFolderSource | ShardsSource | SyntheticSource,
-    Field(discriminator="kind"),
-]
 
 
 # --------------------------------------------------------------------------------------- executor
@@ -366,16 +242,3 @@ def dump_manifest(m: Manifest) -> str:
     """The resolved manifest as YAML, every default written out."""
     return yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
-
-def expand_paths(path: str | list[str]) -> list[str]:
-    """A path, a glob or a list of them -> sorted concrete paths (local only; URLs pass through)."""
-    items = [path] if isinstance(path, str) else list(path)
-    out: list[str] = []
-    for item in items:
-        if "://" in item and not item.startswith("file://"):
-            out.append(item)
-            continue
-        local = item.removeprefix("file://")
-        matches = sorted(glob.glob(local)) if glob.has_magic(local) else [local]
-        out.extend(matches)
-    return out

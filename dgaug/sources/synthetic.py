@@ -1,535 +1,109 @@
-"""Procedural image-caption data with classes and visual styles (domains) for the offline demo."""
+"""The synthetic source: procedural images of classes in visual styles, the offline demo's data."""
 
-import io
-import json
-import math
+from __future__ import annotations
+
 import os
-import pathlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+import tempfile
+from typing import Any, Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFilter
+from pydantic import Field
 
-__all__ = [
-    "DEFAULT_CLASSES",
-    "DEFAULT_STYLES",
-    "SUPPORTED_CLASSES",
-    "URL_LIST_NAME",
-    "make_caption",
-    "render_image",
-    "write_synthetic_dataset",
-]
+from dgaug.core.atomic import atomic_write, remove_temporaries
+from dgaug.core.storage import Storage
+from dgaug.sources.base import SourceConfig, SourceItems, generated_dir
+from dgaug.sources.url_list import UrlListSource
 
-DEFAULT_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
-DEFAULT_STYLES: tuple[str, ...] = ("photo", "sketch", "cartoon", "painting")
-
-URL_LIST_NAME = "urls.parquet"
-JPEG_QUALITY = 90
-MIN_IMAGE_SIZE = 16
-
-# Records the arguments that fix every image, so a resumed run cannot silently mix images
-# drawn with another seed, size or class/style list into one dataset.
-_PARAMS_NAME = ".synthetic.json"
-# Bump whenever the drawing code changes: files from an older version must not be reused.
-_RENDER_VERSION = 1
-# Shapes are drawn at this multiple of the output size and box-downsampled: cheap anti-aliasing
-# for ImageDraw, which has none of its own.
-_SUPERSAMPLE = 2
-
-_URL_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("label", pa.string()),
-        ("domain", pa.string()),
-    ]
-)
-
-# Object colours: saturated, far apart in hue, and with unambiguous everyday names so that the
-# colour word in a caption matches what a viewer (or CLIP) sees.
-_COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 39, 40),
-    "orange": (245, 130, 32),
-    "yellow": (240, 205, 35),
-    "green": (44, 160, 44),
-    "blue": (31, 90, 200),
-    "purple": (128, 60, 175),
-    "pink": (240, 110, 170),
-}
-_COLOR_NAMES: tuple[str, ...] = tuple(_COLORS)
-
-# Warm grey that painting colours are pulled towards, which gives the muted, earthy palette.
-_PAINT_GREY = np.array([150.0, 140.0, 120.0])
-
-_PHOTO_SETTINGS: dict[str, str] = {
-    "wood": "on a wooden table",
-    "concrete": "on a concrete floor",
-    "studio": "against a plain studio backdrop",
-}
+EVAL_DIR = "eval"
+EVAL_SEED_OFFSET = 1_000_003  # any fixed offset: only its difference from the run's seed matters
 
 
-# --------------------------------------------------------------------------- shapes
+class SyntheticSource(SourceConfig):
+    """Procedural images of classes in visual styles (domains): the offline demo's data."""
 
-
-def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
-    angles = phase + 2 * math.pi * np.arange(n) / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-
-
-def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
-    outer = _regular(2 * points)
-    radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
-    return outer * radii[:, None]
-
-
-def _cross(half_width: float = 0.32) -> np.ndarray:
-    w = half_width
-    return np.array(
-        [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w)]
-        + [(-1, -w), (-w, -w)],
-        dtype=float,
+    kind: Literal["synthetic"]
+    num_images: int = Field(256, ge=1, le=1_000_000)
+    image_size: int = Field(64, ge=16, le=1024)
+    classes: list[str] | None = Field(None, description="null: the generator's default classes.")
+    styles: list[str] | None = Field(None, description="null: photo, sketch, cartoon, painting.")
+    eval_images: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Also draw this many images with another seed into OUTPUT/eval/images/"
+        "<style>/<class>/: an evaluation image folder held out from the run's data.",
     )
 
-
-def _heart(n: int = 48) -> np.ndarray:
-    t = np.linspace(0, 2 * math.pi, n, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    pts = np.stack([x, y - (y.max() + y.min()) / 2], axis=1)
-    return pts / np.abs(pts).max()
-
-
-# Each shape is a list of (unit polygon, is_hole); solids come before holes so that painting the
-# list in order into a mask cuts the holes out. Unit polygons fit in the unit disc.
-_SHAPES: dict[str, list[tuple[np.ndarray, bool]]] = {
-    "circle": [(_regular(48), False)],
-    "square": [(_regular(4, phase=math.pi / 4), False)],
-    "triangle": [(_regular(3, radius=1.05) + [0.0, 0.15], False)],
-    "star": [(_star(), False)],
-    "cross": [(_cross(), False)],
-    "ring": [(_regular(48), False), (_regular(48, radius=0.55), True)],
-    "pentagon": [(_regular(5), False)],
-    "hexagon": [(_regular(6, phase=0.0), False)],
-    "diamond": [(np.array([(0, -1), (0.62, 0), (0, 1), (-0.62, 0)], dtype=float), False)],
-    "heart": [(_heart(), False)],
-}
-SUPPORTED_CLASSES: tuple[str, ...] = tuple(_SHAPES)
-
-
-@dataclass(frozen=True)
-class _Scene:
-    """Everything about one image that a caption may mention, drawn before any pixel work."""
-
-    label: str
-    style: str
-    color_name: str
-    # Placement in units of the canvas side, so one scene renders alike at any size.
-    cx: float
-    cy: float
-    radius: float
-    rotation: float
-    setting: str | None  # photo background kind, or cartoon background colour name
-
-
-def _sample_scene(label: str, style: str, rng: np.random.Generator) -> _Scene:
-    color_name = _COLOR_NAMES[int(rng.integers(len(_COLOR_NAMES)))]
-    radius = float(rng.uniform(0.22, 0.34))
-    # Keep the whole object (plus a photo shadow offset) inside the frame.
-    margin = radius + 0.06
-    cx = float(rng.uniform(margin, 1 - margin))
-    cy = float(rng.uniform(margin, 1 - margin))
-    # Moderate tilt only: an upside-down heart or a 45-degree square reads as another class.
-    rotation = float(rng.uniform(-0.6, 0.6))
-    setting: str | None = None
-    if style == "photo":
-        setting = tuple(_PHOTO_SETTINGS)[int(rng.integers(len(_PHOTO_SETTINGS)))]
-    elif style in ("cartoon", "painting"):
-        others = [c for c in _COLOR_NAMES if c != color_name]
-        setting = others[int(rng.integers(len(others)))]
-    return _Scene(label, style, color_name, cx, cy, radius, rotation, setting)
-
-
-def _polygons(
-    scene: _Scene, side: int, dx: float = 0.0, dy: float = 0.0
-) -> list[tuple[list[float], bool]]:
-    """The scene's shape as flat pixel-coordinate lists for ImageDraw, with hole flags."""
-    c, s = math.cos(scene.rotation), math.sin(scene.rotation)
-    rot = np.array([[c, -s], [s, c]])
-    centre = np.array([scene.cx * side + dx, scene.cy * side + dy])
-    out = []
-    for unit, hole in _SHAPES[scene.label]:
-        pts = unit @ rot.T * (scene.radius * side) + centre
-        out.append((pts.ravel().tolist(), hole))
-    return out
-
-
-def _mask(polys: list[tuple[list[float], bool]], side: int) -> Image.Image:
-    mask = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(mask)
-    for pts, hole in polys:
-        draw.polygon(pts, fill=0 if hole else 255)
-    return mask
-
-
-def _outline(
-    draw: ImageDraw.ImageDraw, pts: list[float], fill: tuple[int, ...], width: int
-) -> None:
-    # Repeat the first two vertices so the closing corner also gets a rounded joint.
-    draw.line(pts + pts[:4], fill=fill, width=width, joint="curve")
-
-
-def _lowfreq(rng: np.random.Generator, side: int, cells: int = 4) -> np.ndarray:
-    """Smooth random field in [-1, 1]: blotchy lighting and stains without per-pixel noise."""
-    small = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
-    field = Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(field), -1, 1)
-
-
-def _to_image(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
-
-
-# --------------------------------------------------------------------------- styles
-
-
-def _draw_photo(scene: _Scene, rng: np.random.Generator, side: int, size: int) -> Image.Image:
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    kind = scene.setting
-    if kind == "wood":
-        base = np.array([150.0, 100.0, 60.0]) * rng.uniform(0.8, 1.15)
-        wobble = np.sin(xx * rng.uniform(3, 7) + rng.uniform(0, 2 * math.pi))
-        grain = np.sin(yy * rng.uniform(30, 50) + rng.uniform(0.5, 1.5) * wobble)
-        tone = 1 + 0.1 * grain + 0.2 * (yy - 0.5)  # far edge of the table a bit darker
-    elif kind == "concrete":
-        base = np.full(3, rng.uniform(115, 165)) + rng.uniform(-8, 8, 3)
-        tone = 1 + 0.08 * _lowfreq(rng, side, 5) + 0.15 * (yy - 0.5)
-    else:
-        base = np.full(3, rng.uniform(195, 225)) + rng.uniform(-10, 10, 3)
-        tone = 1 - 0.18 * yy + 0.04 * _lowfreq(rng, side, 3)  # studio sweep, lit from above
-    # One light direction for the whole picture: it places both the shadow and the highlight.
-    light = rng.uniform(-math.pi, math.pi)
-    lx, ly = math.cos(light), math.sin(light)
-    img = base[None, None, :] * tone[..., None]
-
-    shadow_off = scene.radius * side * 0.3
-    shadow = _mask(_polygons(scene, side, -lx * shadow_off, -ly * shadow_off), side)
-    shadow = shadow.filter(ImageFilter.GaussianBlur(side * 0.04))
-    img *= 1 - 0.45 * (np.asarray(shadow, dtype=np.float32) / 255)[..., None]
-
-    # Lambert-like falloff away from the light plus a soft specular spot: reads as a solid object.
-    cx, cy, r = scene.cx * side, scene.cy * side, scene.radius * side
-    px, py = xx * side - cx, yy * side - cy
-    along = np.clip((px * lx + py * ly) / r, -1, 1)
-    hx, hy = 0.45 * r * lx, 0.45 * r * ly
-    spot = np.exp(-((px - hx) ** 2 + (py - hy) ** 2) / (2 * (0.3 * r) ** 2))
-    color = np.array(_COLORS[scene.color_name], dtype=np.float32)
-    obj = color * (0.8 + 0.25 * along)[..., None] + (255 - color) * (0.55 * spot)[..., None]
-    m = (np.asarray(_mask(_polygons(scene, side), side), dtype=np.float32) / 255)[..., None]
-    img = img * (1 - m) + obj * m
-
-    small = _to_image(img).resize((size, size), Image.Resampling.BOX)
-    # Sensor noise at output resolution, mostly luminance with a little colour, as in a real
-    # camera; the other styles have none, so it marks the domain.
-    sigma = rng.uniform(5, 8)
-    grain = rng.normal(0, sigma, (size, size, 1)) + rng.normal(0, sigma / 3, (size, size, 3))
-    noisy = np.asarray(small, dtype=np.float32) + grain
-    return _to_image(noisy)
-
-
-def _draw_sketch(scene: _Scene, rng: np.random.Generator, side: int, size: int) -> Image.Image:
-    paper = np.array([250.0, 248.0, 240.0]) + rng.uniform(-4, 4, 3)
-    img = Image.new("RGB", (side, side), tuple(int(v) for v in paper))
-    polys = _polygons(scene, side)
-    lead = int(rng.uniform(30, 80))
-    if rng.random() < 0.5:
-        # Diagonal hatching inside the shape: shading a pencil artist would add, still no fill.
-        hatch = Image.new("L", (side, side), 0)
-        hd = ImageDraw.Draw(hatch)
-        step = max(3, side // int(rng.integers(9, 14)))
-        for k in range(-side, side, step):
-            hd.line([(k, side), (k + side, 0)], fill=255, width=max(1, side // 96))
-        hatch = Image.fromarray(np.minimum(np.asarray(hatch), np.asarray(_mask(polys, side))))
-        img.paste((lead + 90,) * 3, mask=hatch)
-    draw = ImageDraw.Draw(img)
-    width = max(1, round(side / 64))  # one output pixel: a thin pencil line
-    jitter = side * 0.008
-    # Two slightly offset passes: the doubled, wobbly contour of a hand-drawn line.
-    for shade in (lead, lead + 60):
-        for pts, _hole in polys:
-            wobbly = (np.array(pts) + rng.normal(0, jitter, len(pts))).tolist()
-            _outline(draw, wobbly, (shade,) * 3, width)
-    return img.resize((size, size), Image.Resampling.BOX)
-
-
-def _draw_cartoon(scene: _Scene, rng: np.random.Generator, side: int, size: int) -> Image.Image:
-    # Background: another palette hue lightened a little, so it stays saturated yet contrasts.
-    bg = 0.6 * np.array(_COLORS[scene.setting or "blue"]) + 0.4 * 255
-    bg_rgb = tuple(int(v) for v in bg)
-    img = Image.new("RGB", (side, side), bg_rgb)
-    draw = ImageDraw.Draw(img)
-    polys = _polygons(scene, side)
-    for pts, hole in polys:
-        draw.polygon(pts, fill=bg_rgb if hole else _COLORS[scene.color_name])
-    width = max(3, round(side * 0.045))  # thick ink line, about 3 px at 64 px
-    for pts, _hole in polys:
-        _outline(draw, pts, (0, 0, 0), width)
-    return img.resize((size, size), Image.Resampling.BOX)
-
-
-def _muted(rgb: tuple[int, int, int], amount: float) -> np.ndarray:
-    return (1 - amount) * np.asarray(rgb, dtype=np.float64) + amount * _PAINT_GREY
-
-
-def _strokes(
-    img: Image.Image, rng: np.random.Generator, base: np.ndarray, count: int, spread: float
-) -> None:
-    side = img.size[0]
-    draw = ImageDraw.Draw(img)
-    # Strokes of one canvas share a main direction, as a painter's hand mostly moves one way.
-    main = rng.uniform(0, math.pi)
-    for _ in range(count):
-        x, y = rng.uniform(-0.1, 1.1, 2) * side
-        angle = main + rng.normal(0, 0.3)
-        length = rng.uniform(0.2, 0.45) * side / 2
-        dx, dy = math.cos(angle) * length, math.sin(angle) * length
-        # Mostly lighter/darker paint of one hue, with a little hue drift: shading, not confetti.
-        shift = rng.normal(0, spread) + rng.normal(0, spread / 4, 3)
-        color = tuple(int(v) for v in np.clip(base + shift, 0, 255))
-        width = max(2, int(rng.uniform(0.06, 0.12) * side))
-        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=color, width=width, joint="curve")
-
-
-def _draw_painting(scene: _Scene, rng: np.random.Generator, side: int, size: int) -> Image.Image:
-    bg_base = _muted(_COLORS[scene.setting or "blue"], 0.6)
-    canvas = Image.new("RGB", (side, side), tuple(int(v) for v in bg_base))
-    _strokes(canvas, rng, bg_base, 60, 18)
-    obj_base = _muted(_COLORS[scene.color_name], 0.3)
-    obj = Image.new("RGB", (side, side), tuple(int(v) for v in obj_base))
-    _strokes(obj, rng, obj_base, 40, 24)
-    # Soft, slightly ragged object edge: paint, not a vector cut-out.
-    mask = _mask(_polygons(scene, side), side).filter(ImageFilter.GaussianBlur(side / 90))
-    canvas.paste(obj, mask=mask)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(side / 110))
-    small = canvas.resize((size, size), Image.Resampling.BOX)
-    # Posterize to 5 bits: flattens the blur into the visible bands of layered paint.
-    return Image.fromarray(np.asarray(small) & 0xF8)
-
-
-_STYLE_RENDERERS = {
-    "photo": _draw_photo,
-    "sketch": _draw_sketch,
-    "cartoon": _draw_cartoon,
-    "painting": _draw_painting,
-}
-
-
-def _draw_scene(scene: _Scene, rng: np.random.Generator, size: int) -> Image.Image:
-    return _STYLE_RENDERERS[scene.style](scene, rng, size * _SUPERSAMPLE, size)
-
-
-def _check_known(label: str, style: str) -> None:
-    if label not in _SHAPES:
-        raise ValueError(f"unknown class {label!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
-    if style not in _STYLE_RENDERERS:
-        raise ValueError(f"unknown style {style!r}; supported: {', '.join(_STYLE_RENDERERS)}")
-
-
-def render_image(label: str, style: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One RGB image of class `label` drawn in `style`.
-
-    `write_synthetic_dataset` draws image i as
-    ``render_image(label, style, numpy.random.default_rng([seed, i]), image_size)``.
-    """
-    _check_known(label, style)
-    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
-        raise ValueError(f"size must be an int >= {MIN_IMAGE_SIZE}, got {size!r}")
-    return _draw_scene(_sample_scene(label, style, rng), rng, size)
-
-
-# --------------------------------------------------------------------------- captions
-
-_CAPTION_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "photo": (
-        "a photo of {obj}",
-        "a photograph of {obj}",
-        "a close-up photo of {obj}",
-        "a snapshot of {obj}",
-    ),
-    "sketch": (
-        "a pencil sketch of {obj}",
-        "a pencil drawing of {obj}",
-        "a black and white sketch of {obj}",
-        "a hand-drawn sketch of {obj}",
-        "a rough sketch of {obj} on paper",
-    ),
-    "cartoon": (
-        "a cartoon drawing of {obj}",
-        "a cartoon of {obj}",
-        "a flat cartoon illustration of {obj}",
-        "a clip art cartoon of {obj}",
-    ),
-    "painting": (
-        "an oil painting of {obj}",
-        "a painting of {obj}",
-        "an impressionist painting of {obj}",
-        "a brushstroke painting of {obj}",
-    ),
-}
-
-
-def _with_article(phrase: str) -> str:
-    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
-
-
-def make_caption(
-    label: str,
-    style: str,
-    color_name: str | None,
-    rng: np.random.Generator,
-    *,
-    setting: str | None = None,
-) -> str:
-    """A short natural caption naming style and object, e.g. "an oil painting of a red star".
-
-    Sketch captions leave out the colour because sketches are drawn in graphite only. `setting`
-    is the photo background kind or the cartoon background colour, mentioned now and then.
-    """
-    noun = label.replace("_", " ")
-    if color_name and style != "sketch":
-        noun = f"{color_name} {noun}"
-    templates = _CAPTION_TEMPLATES.get(style, ("{obj} in " + style.replace("_", " ") + " style",))
-    caption = templates[int(rng.integers(len(templates)))].format(obj=_with_article(noun))
-    if setting is not None and rng.random() < 0.5:
-        if style == "photo" and setting in _PHOTO_SETTINGS:
-            caption += " " + _PHOTO_SETTINGS[setting]
-        elif style == "cartoon":
-            caption += f" on a light {setting} background"
-    return caption
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    # Temp name in the same folder so os.replace is a rename on one filesystem, never a copy;
-    # the pid keeps two concurrent runs on one folder from clobbering each other's temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    # Fixed quality and chroma subsampling, no EXIF: identical inputs give identical bytes.
-    image.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-    return buf.getvalue()
-
-
-def _check_names(kind: str, names: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(names, str):
-        raise ValueError(f"{kind} must be a sequence of names, not the single string {names!r}")
-    names = tuple(names)
-    if not names:
-        raise ValueError(f"{kind} must not be empty")
-    for name in names:
-        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name:
-            raise ValueError(f"{kind} entry {name!r} must be a non-empty name without '/'")
-        if "\\" in name or "\x00" in name:
-            raise ValueError(f"{kind} entry {name!r} must not contain a backslash or NUL")
-        if name not in known:
-            raise ValueError(f"unknown {kind[:-1]} {name!r}; supported: {', '.join(known)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{kind} has duplicates: {list(names)}")
-    return names
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _claim_folder(root: pathlib.Path, params: dict[str, object]) -> None:
-    marker = root / _PARAMS_NAME
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous != params:
-            raise ValueError(
-                f"{root} already holds a synthetic dataset written with {previous}, "
-                f"not {params}; use an empty out_dir"
+    def data_record(self) -> dict[str, Any]:
+        """The fields that decide the run's own images (the evaluation folder is not one)."""
+        return self.model_dump(mode="json", exclude={"eval_images"})
+
+    def fingerprint_record(self, seed: int) -> dict[str, Any]:
+        return {"source": self.data_record(), "seed": seed}
+
+    def items(self, storage: Storage, seed: int, *, dry_run: bool) -> SourceItems:
+        # Fully described by its settings and the seed: a dry run draws nothing.
+        if dry_run:
+            return SourceItems(count=self.num_images)
+        return SourceItems(url_list=self._write_images(storage, seed))
+
+    def _names(self) -> dict[str, list[str]]:
+        """The class and style lists the manifest sets (null keeps the generator's defaults)."""
+        return {k: v for k, v in (("classes", self.classes), ("styles", self.styles)) if v}
+
+    def _write_images(self, storage: Storage, seed: int) -> UrlListSource:
+        """The run's images drawn once into the generated folder; their url list."""
+        from dgaug.sources.imageset import URL_LIST_NAME, write_synthetic_dataset
+
+        out = generated_dir(storage, "synthetic", {"seed": seed, **self.data_record()})
+        done = os.path.join(out, "_SUCCESS")
+        if not os.path.exists(done):
+            write_synthetic_dataset(
+                out,
+                num_images=self.num_images,
+                seed=seed,
+                image_size=self.image_size,
+                **self._names(),
             )
-        return
-    _atomic_write(marker, (json.dumps(params, sort_keys=True) + "\n").encode())
+            atomic_write(done, "ok\n")
+        if self.eval_images:
+            self.write_eval_images(storage, seed)
+        return UrlListSource.generated(os.path.join(out, URL_LIST_NAME))
 
+    def write_eval_images(self, storage: Storage, seed: int) -> None:
+        """The demo's held-out evaluation set: OUTPUT/eval/images/<style>/<class>/*.jpg.
 
-def write_synthetic_dataset(
-    out_dir: str | os.PathLike,
-    *,
-    num_images: int,
-    seed: int = 0,
-    image_size: int = 64,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    styles: Sequence[str] = DEFAULT_STYLES,
-) -> pathlib.Path:
-    """Write images under out_dir/images/<style>/<label>/<index>.jpg and a url list
-    out_dir/urls.parquet; return the url list path.
+        Drawn like the run's images but from another seed, so no evaluation image is a training
+        one. Written once per count (`eval/_SUCCESS` holds it), not re-checked image by image on
+        every run and plan. An object store output gets them drawn locally, then uploaded,
+        `_SUCCESS` last.
+        """
+        from dgaug.sources.imageset import write_synthetic_dataset
 
-    Image i has class ``classes[i % C]`` and style ``styles[(i // C) % S]``, so every pair
-    recurs evenly, and depends only on (seed, i). JPEGs already present are kept (resume); the
-    url list is always rewritten. Raises ValueError on bad arguments, or when out_dir already
-    holds images written with another seed, size, class list or style list.
-    """
-    num_images = _check_int("num_images", num_images, 1)
-    seed = _check_int("seed", seed, 0)
-    image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE)
-    classes = _check_names("classes", classes, SUPPORTED_CLASSES)
-    styles = _check_names("styles", styles, tuple(_STYLE_RENDERERS))
-
-    root = pathlib.Path(out_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    # num_images is left out on purpose: growing a dataset in place is a valid resume.
-    params = {
-        "version": _RENDER_VERSION,
-        "seed": seed,
-        "image_size": image_size,
-        "classes": list(classes),
-        "styles": list(styles),
-    }
-    _claim_folder(root, params)
-
-    n_cls, n_sty = len(classes), len(styles)
-    columns: dict[str, list[str]] = {name: [] for name in _URL_SCHEMA.names}
-    for i in range(num_images):
-        label, style = classes[i % n_cls], styles[(i // n_cls) % n_sty]
-        rng = np.random.default_rng([seed, i])
-        scene = _sample_scene(label, style, rng)
-        # A separate stream for the caption keeps the image equal to render_image(..., rng).
-        caption = make_caption(
-            label,
-            style,
-            scene.color_name,
-            np.random.default_rng([seed, i, 1]),
-            setting=scene.setting,
-        )
-        path = root / "images" / style / label / f"{i:08d}.jpg"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, _jpeg_bytes(_draw_scene(scene, rng, image_size)))
-        columns["url"].append(path.as_uri())
-        columns["caption"].append(caption)
-        columns["label"].append(label)
-        columns["domain"].append(style)
-
-    url_list = root / URL_LIST_NAME
-    table = pa.Table.from_pydict(columns, schema=_URL_SCHEMA)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    _atomic_write(url_list, buf.getvalue().to_pybytes())
-    return url_list
+        done = f"{EVAL_DIR}/_SUCCESS"
+        try:
+            if storage.read_text(done).strip() == str(self.eval_images):
+                return
+        except FileNotFoundError:
+            pass
+        if storage.is_local:
+            out = storage.path(EVAL_DIR)
+            # A run killed inside an atomic write leaves `.NAME.XXXXXXXX.tmp` here, outside
+            # _dgaug's scratch.
+            remove_temporaries(out, recursive=True)
+        else:
+            out = tempfile.mkdtemp(prefix="dgaug-eval-")
+        try:
+            write_synthetic_dataset(
+                out,
+                num_images=self.eval_images,
+                seed=seed + EVAL_SEED_OFFSET,
+                image_size=self.image_size,
+                **self._names(),
+            )
+            if not storage.is_local:
+                storage.upload_tree(out, EVAL_DIR)
+        finally:
+            if not storage.is_local:
+                shutil.rmtree(out, ignore_errors=True)
+        storage.write_text(done, f"{self.eval_images}\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from typing import Any
@@ -13,41 +12,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dgaug.job.manifest import expand_paths
+from dgaug.core.constants import IMAGE_EXTS
+from dgaug.core.tars import write_deterministic_tar
 from dgaug.pipeline.stage import ShardResult
-from dgaug.stages.download.merge import write_deterministic_tar
-from dgaug.stages.download.urls import SourceError, sample_key
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """`/d/{00000..00009}.tar`, a glob, or a list -> the tar files, in order.
-
-    Every local file must exist: a brace pattern names files, it does not search for them.
-    """
-    from braceexpand import braceexpand
-
-    paths: list[str] = []
-    for p in braceexpand(pattern):
-        paths.extend(expand_paths(p))
-    if not paths:
-        raise SourceError([f"source.path: no shard matches {pattern!r}"])
-    missing = [
-        p
-        for p in paths
-        if ("://" not in p or p.startswith("file://"))
-        and not os.path.isfile(p.removeprefix("file://"))
-    ]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise SourceError(
-            [
-                f"source.path: {len(missing)} of {len(paths)} shard(s) not found: "
-                f"{', '.join(missing[:3])}{more}"
-            ]
-        )
-    return paths
+from dgaug.stages.download.urls import sample_key
 
 
 class _EndRecordingTarInfo(tarfile.TarInfo):

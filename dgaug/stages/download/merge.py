@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -14,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dgaug.core.tars import write_deterministic_tar
 from dgaug.stages.download.urls import KEY_COL
 
 # Timing fields of img2dataset's stats would make two identical runs differ; durations live in markers.
@@ -62,26 +62,6 @@ def failure_reason(status: str | None, error: str | None) -> str:
     # Unknown message: a slug without numbers or quoted parts, so that it stays countable.
     slug = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", " ", e)
     return re.sub(r"[^a-z]+", "_", slug).strip("_")[:40].strip("_") or "other"
-
-
-def write_deterministic_tar(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """Samples in the order given, members of a sample adjacent, fixed owner and mtime."""
-    from webdataset import TarWriter  # imports torch: only where a tar is written
-
-    with open(path, "wb") as f:
-        # An integer mtime: a float one makes tarfile add a 1 KB PAX header to every member.
-        writer = TarWriter(f, encoder=False, mtime=0, user="dgaug", group="dgaug", mode=0o444)
-        try:
-            for key, members in samples:
-                writer.write({"__key__": key, **members})
-        except BaseException:
-            # Close the tar stream while its file is open (a full disk fails here again, quietly):
-            # left to the garbage collector, it would write into the closed file and print an
-            # "Exception ignored" traceback after the run's one-line error.
-            with contextlib.suppress(Exception):
-                writer.close()
-            raise
-        writer.close()
 
 
 def _index_tar(path: str) -> dict[str, dict[str, tarfile.TarInfo]]:

@@ -9,25 +9,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dgaug.core.shard_io import MAX_ASPECT_RATIO
-from dgaug.job.manifest import (
-    ImageFolderSource,
-    ShardsSource,
-    SyntheticSource,
-    UrlListSource,
-    expand_paths,
-)
-from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
+from dgaug.core.constants import MAX_ASPECT_RATIO
+from dgaug.pipeline.stage import Plan, ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.download import ingest
 from dgaug.stages.download.launcher import launcher
 from dgaug.stages.download.merge import merge_shards
-from dgaug.stages.download.sources import (
-    allowed_schemes,
-    list_image_folder,
-    listing_digest,
-    resolve_url_list,
-)
-from dgaug.stages.download.urls import KEY_COL, file_sizes, pre_download_skip, split_url_list
+from dgaug.stages.download.urls import KEY_COL, pre_download_skip, split_url_list
 
 # img2dataset's keep_ratio and center_crop resize the short side first: a 5,000 x 1 sliver (a
 # 94-byte PNG) became 1,280,000 x 256 pixels, 1.1 GB, before its crop; 50,000 x 1 would take 11
@@ -53,17 +40,10 @@ class DownloadStage(Stage):
         return StageResources(workers=1, num_cpus=self.config.processes, num_gpus=0)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        """Source and download settings, and which source files (set by plan: call it first)."""
+        """Source and download settings; plan adds which source files (`source_files`)."""
         cfg = self.config.model_dump(mode="json", exclude=set(self.config.PERFORMANCE_FIELDS))
-        synthetic = isinstance(self.manifest.source, SyntheticSource)
         return {
-            "source": (
-                self.manifest.source.data_record()
-                if synthetic
-                else self.manifest.source.model_dump(mode="json")
-            ),
-            "source_files": self._source_files,
-            "seed": self.manifest.seed if synthetic else None,
+            **self.manifest.source.fingerprint_record(self.manifest.seed),
             "shard_size": self.manifest.shard_size,
             "download": cfg,
         }
@@ -73,32 +53,23 @@ class DownloadStage(Stage):
         return (f"{n}.tar", f"{n}.parquet", f"{n}_stats.json")
 
     # -- plan
-    def plan(self, ctx: StageContext) -> list[ShardTask]:
+    def plan(self, ctx: StageContext) -> Plan:
         src = self.manifest.source
         shard_size = self.manifest.shard_size
+        items = src.items(ctx.storage, ctx.seed, dry_run=ctx.dry_run)
         # What the fingerprint knows of the source beyond its settings, so that a url list
         # replaced under the same name is not mixed with shards made from the old one.
-        self._source_files: Any = None
-        if isinstance(src, ShardsSource):
-            paths = ingest.expand_shards(src.path)
-            self._source_files = file_sizes(paths)
-            return [
+        inputs = {"source_files": items.files}
+        if not src.fetched:  # existing shards: one task per tar
+            tasks = [
                 ShardTask(self.name, i, inputs=(p,), outputs=self._outputs(i))
-                for i, p in enumerate(paths)
+                for i, p in enumerate(items.tars)
             ]
-        listing = None
-        if isinstance(src, UrlListSource):
-            self._source_files = file_sizes(expand_paths(src.path))
-        elif isinstance(src, ImageFolderSource):
-            listing = list_image_folder(src)
-            self._source_files = listing_digest(listing)
-            if ctx.dry_run:
-                return self._count_only(math.ceil(listing.num_rows / shard_size))
-        elif ctx.dry_run:  # synthetic: fully described by its settings and the seed
-            return self._count_only(math.ceil(src.num_images / shard_size))
-        url_list = resolve_url_list(self.manifest, ctx.storage, listing)
-        folder, n = split_url_list(url_list, shard_size, ctx.storage, dry_run=ctx.dry_run)
-        return [
+            return Plan(tasks, inputs)
+        if items.url_list is None:  # a dry run of a generated source: counted, not written
+            return Plan(self._count_only(math.ceil(items.count / shard_size)), inputs)
+        folder, n = split_url_list(items.url_list, shard_size, ctx.storage, dry_run=ctx.dry_run)
+        tasks = [
             ShardTask(
                 self.name,
                 i,
@@ -107,18 +78,19 @@ class DownloadStage(Stage):
             )
             for i in range(n)
         ]
+        return Plan(tasks, inputs)
 
     def _count_only(self, n: int) -> list[ShardTask]:
         return [ShardTask(self.name, i, outputs=self._outputs(i)) for i in range(n)]
 
     # -- work
     def setup(self, ctx: StageContext) -> None:
-        if not isinstance(self.manifest.source, ShardsSource):
+        if self.manifest.source.fetched:
             launcher().start()  # imports img2dataset now, not inside the first shard
 
     def process(self, task: ShardTask, ctx: StageContext) -> ShardResult:
         out = os.path.join(task.tmp_dir, self.shard_name(task.shard_id))
-        if isinstance(self.manifest.source, ShardsSource):
+        if not self.manifest.source.fetched:
             return ingest.ingest_tar(
                 task.inputs[0], task.shard_id, f"{out}.tar", f"{out}.parquet", f"{out}_stats.json"
             )
@@ -133,7 +105,7 @@ class DownloadStage(Stage):
         has_caption = "caption" in table.column_names
         rows = table.to_pylist()
         expected = [r[KEY_COL] for r in rows]
-        allowed = allowed_schemes(self.manifest)
+        allowed = self.manifest.source.fetch_schemes()
         skipped, valid = [], []
         for r in rows:
             # Missing url, a scheme the manifest does not allow, empty caption: never fetched.
