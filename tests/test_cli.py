@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core import errors as exitcodes
 from dgaug.pipeline.lock import LOCK_REL
 from dgaug.stages.download.stage import DownloadStage
 from tests.helpers import REPO, tiny_manifest_dict

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core import errors as exitcodes
 from dgaug.job.manifest import (
     Manifest,
     ManifestError,

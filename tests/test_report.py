@@ -17,8 +17,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core import errors as exitcodes
 from dgaug.core.storage import Storage
 from dgaug.pipeline.ledger import Ledger
 from dgaug.job.registry import STAGE_CLASSES

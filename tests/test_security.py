@@ -21,10 +21,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core import errors as exitcodes
 from dgaug.job.manifest import ManifestError, load_manifest, validate
-from dgaug.pipeline.run import run_pipeline
+from dgaug.job.run import run_pipeline
 from dgaug.stages.download.urls import SCHEME_NOT_ALLOWED, pre_download_skip, url_scheme
 from tests.helpers import tiny_manifest_dict
 

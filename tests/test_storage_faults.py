@@ -29,8 +29,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dgaug.cli import exitcodes
 from dgaug.cli.app import app
+from dgaug.core import errors as exitcodes
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import validate
 from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock

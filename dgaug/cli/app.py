@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from dgaug.cli import exitcodes
+from dgaug.cli.common import RESUME, console, fail, load, setup_logging, user_errors
 from dgaug.cli.options import ManifestArg, SetOpt
 from dgaug.cli.report import report
+from dgaug.core.errors import FAILED, INVALID, OK, PENDING, REFUSED
 
 app = typer.Typer(
     name="dgaug",
@@ -34,102 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def _fail(code: int, lines: list[str] | str) -> typer.Exit:
-    con = _console()
-    for line in [lines] if isinstance(lines, str) else lines:
-        con.print(line, markup=False)
-    return typer.Exit(code)
-
-
-def _load(manifest: Path, overrides: list[str] | None, executor: str | None = None):
-    from dgaug.job.manifest import ManifestError, load_manifest
-
-    extra = list(overrides or [])
-    if executor:
-        extra.append(f"executor.kind={executor}")
-    try:
-        return load_manifest(manifest, extra)
-    except ManifestError as e:
-        raise _fail(exitcodes.INVALID, [f"error: {manifest}: {e}"]) from None
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=_console(), show_path=False, show_time=False, markup=False)
-    # The terminal shows warnings (info with -v); the run's log file gets info either way.
-    handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("dgaug").setLevel(logging.INFO)
-
-
-class _RunLogFile(logging.FileHandler):
-    """The run's log file. When it cannot be written (a full disk), it says so once and stops,
-    instead of printing a traceback for every record."""
-
-    broken = False
-    upload_to: tuple[Any, str] | None = None  # (Storage, rel): where the local file goes at the end
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
-        if self.broken:
-            return
-        self.broken = True
-        err = sys.exc_info()[1]
-        _console().print(
-            f"warning: cannot write the run log {self.baseFilename} ({err}); "
-            "it stops here, the terminal goes on",
-            markup=False,
-        )
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.broken:
-            super().emit(record)
-
-
-def _file_log(output: str) -> _RunLogFile:
-    """The run's log, OUTPUT/_dgaug/logs/run-<time>.log. An object store output gets it written
-    locally and uploaded when the run ends (_close_file_log)."""
-    import tempfile
-
-    from dgaug.core.storage import DGAUG_DIR, Storage
-
-    storage = Storage(output)
-    name = time.strftime("run-%Y%m%d-%H%M%S.log")
-    if storage.is_local:
-        logs = Path(storage.path(f"{DGAUG_DIR}/logs"))
-        logs.mkdir(parents=True, exist_ok=True)
-        h = _RunLogFile(logs / name)
-    else:
-        h = _RunLogFile(Path(tempfile.mkdtemp(prefix="dgaug-log-")) / name)
-        h.upload_to = (storage, f"{DGAUG_DIR}/logs/{name}")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    h.setLevel(logging.INFO)
-    lg = logging.getLogger("dgaug")
-    lg.addHandler(h)
-    lg.setLevel(logging.INFO)
-    return h
-
-
-def _close_file_log(h: _RunLogFile) -> None:
-    logging.getLogger("dgaug").removeHandler(h)
-    h.close()
-    if h.upload_to is None:
-        return
-    storage, rel = h.upload_to
-    try:
-        storage.commit_file(h.baseFilename, rel)
-    except Exception as e:  # the run's own result is what matters; the log is a convenience
-        _console().print(f"warning: could not upload the run log to {storage.url(rel)}: {e}")
-    finally:
-        shutil.rmtree(os.path.dirname(h.baseFilename), ignore_errors=True)
 
 
 @app.command()
@@ -155,36 +56,19 @@ def run(
     finished by running the same command again. Exits 1 if any shard failed after its retries.
     """
     if executor not in (None, "local", "ray"):
-        raise _fail(exitcodes.INVALID, f"error: --executor must be local or ray, not {executor!r}")
-    m = _load(manifest, set_, executor)
-    _setup_logging(verbose)
-    from dgaug.cli.errors import user_error_message
+        raise fail(INVALID, f"error: --executor must be local or ray, not {executor!r}")
+    m = load(manifest, set_, executor)
+    setup_logging(verbose)
     from dgaug.cli.progress import RichProgress, print_run_summary
+    from dgaug.cli.runlog import run_log
+    from dgaug.job.run import run_pipeline
 
-    handler = None
-    try:
-        handler = _file_log(m.output)
-        from dgaug.pipeline.run import run_pipeline
-
-        with RichProgress(_console()) as listener:
-            summary = run_pipeline(m, force=force, listener=listener)
-    except KeyboardInterrupt:
-        raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
-    except Exception as e:
-        from dgaug.core.storage import StorageError, store_problem
-
-        if handler is not None and (isinstance(e, StorageError) or store_problem(e, "")):
-            handler.upload_to = None  # the store is what failed: nowhere to put the log
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        code, text = msg
-        raise _fail(code, text) from None
-    finally:
-        if handler:
-            _close_file_log(handler)
+    # Innermost first on the way out: the progress display stops, the run log is closed (and
+    # uploaded), then the error's lines are printed.
+    with user_errors(RESUME), run_log(m.output), RichProgress(console()) as listener:
+        summary = run_pipeline(m, force=force, listener=listener)
     print_run_summary(summary)
-    raise typer.Exit(exitcodes.OK if summary.ok else exitcodes.FAILED)
+    raise typer.Exit(OK if summary.ok else FAILED)
 
 
 @app.command()
@@ -200,24 +84,18 @@ def status(
     Reads only the markers, so it is fast and works while a run is going (on any executor).
     Exits 0 when every shard is committed, 1 if some failed, 4 if work remains.
     """
-    m = _load(manifest, set_)
-    from dgaug.cli.errors import user_error_message
+    m = load(manifest, set_)
     from dgaug.cli.progress import print_status
     from dgaug.pipeline.status import read_status
 
-    try:
+    with user_errors():
         st = read_status(m.output)
-    except Exception as e:
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        raise _fail(*msg) from None
     print_status(st, max_errors=errors)
     if not st.started:
-        raise typer.Exit(exitcodes.PENDING)
+        raise typer.Exit(PENDING)
     if st.any_failed:
-        raise typer.Exit(exitcodes.FAILED)
-    raise typer.Exit(exitcodes.OK if st.complete else exitcodes.PENDING)
+        raise typer.Exit(FAILED)
+    raise typer.Exit(OK if st.complete else PENDING)
 
 
 @app.command()
@@ -226,20 +104,14 @@ def plan(manifest: ManifestArg, set_: SetOpt = None) -> None:
 
     Writes nothing. Counting a large tsv url list reads it once.
     """
-    m = _load(manifest, set_)
-    _setup_logging(False)
-    from dgaug.cli.errors import user_error_message
+    m = load(manifest, set_)
+    setup_logging(False)
     from dgaug.cli.progress import print_plan
     from dgaug.core.storage import Storage
-    from dgaug.pipeline.run import plan_stages
+    from dgaug.job.run import plan_stages
 
-    try:
+    with user_errors():
         plans = plan_stages(m, Storage(m.output), dry_run=True)
-    except Exception as e:
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        raise _fail(*msg) from None
     print_plan(m, plans)
 
 
@@ -247,11 +119,11 @@ def plan(manifest: ManifestArg, set_: SetOpt = None) -> None:
 def validate(manifest: ManifestArg, set_: SetOpt = None) -> None:
     """Check a manifest: every field, every problem at once with its path; and that the source
     can be read (files exist, columns present). Exits 0 when valid, 2 otherwise."""
-    m = _load(manifest, set_)
+    m = load(manifest, set_)
     problems = m.source.problems()
     if problems:
-        raise _fail(
-            exitcodes.INVALID,
+        raise fail(
+            INVALID,
             [f"error: {manifest}: source problems:"] + [f"  {p}" for p in problems],
         )
     stages = [n for n, s in m.stages if getattr(s, "enabled", False)]
@@ -316,8 +188,6 @@ def train(
     same command again resumes from the newest. Exits 2 on a bad config or data, 3 when the
     output holds another config's checkpoints.
     """
-    from dgaug.job.manifest import ManifestError
-
     options = {
         "mode": mode,
         "data.real": real,
@@ -327,31 +197,28 @@ def train(
         "eval.path": eval_path,
         "output": output,
     }
-    try:
-        from dgaug.cli.train import config_from_manifest, config_from_options
+    from dgaug.cli.train import config_from_manifest, config_from_options
 
+    with user_errors():
         if manifest is not None:
-            cfg = config_from_manifest(_load(manifest, set_), options)
+            cfg = config_from_manifest(load(manifest, set_), options)
         else:
             cfg = config_from_options(list(set_ or []), options)
-    except ManifestError as e:
-        raise _fail(exitcodes.INVALID, [f"error: {e}"]) from None
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from dgaug.cli.progress import print_train_result, train_progress
-    from dgaug.models.errors import ModelError
     from dgaug.trainer.checkpoint import CheckpointMismatch
     from dgaug.trainer.data import DataError
     from dgaug.trainer.run import train as run_training
 
-    try:
-        with train_progress(_console(), cfg.mode) as (on_step, on_phase):
-            result = run_training(cfg, on_step=on_step, on_phase=on_phase)
-    except KeyboardInterrupt:
-        raise _fail(exitcodes.INTERRUPTED, "interrupted: run the same command to resume") from None
-    except (DataError, ModelError) as e:
-        raise _fail(exitcodes.INVALID, f"error: {e}") from None
-    except CheckpointMismatch as e:
-        raise _fail(exitcodes.REFUSED, f"error: {e}") from None
+    with user_errors(RESUME):
+        try:
+            with train_progress(console(), cfg.mode) as (on_step, on_phase):
+                result = run_training(cfg, on_step=on_step, on_phase=on_phase)
+        # The trainer's own errors do not carry an exit code (yet): say theirs here.
+        except DataError as e:
+            raise fail(INVALID, f"error: {e}") from None
+        except CheckpointMismatch as e:
+            raise fail(REFUSED, f"error: {e}") from None
     print_train_result(result)
 
 

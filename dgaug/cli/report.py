@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from dgaug.cli import exitcodes
+from dgaug.cli.common import fail, load, setup_logging, user_errors
 from dgaug.cli.options import ManifestArg, SetOpt
+from dgaug.core.errors import INVALID
 
 
 def report(
@@ -46,29 +47,21 @@ def report(
     everything is read and written through the output's filesystem. Prints the page's path.
     Exits 2 when the manifest is invalid or its output does not exist.
     """
-    from dgaug.cli.app import _fail, _load, _setup_logging
+    m = load(manifest, set_)
+    setup_logging(verbose)
+    from dgaug.job.report import report_run
+    from dgaug.report.build import NothingToReport
 
-    m = _load(manifest, set_)
-    _setup_logging(verbose)
-    from dgaug.cli.errors import user_error_message
-    from dgaug.report.build import NothingToReport, build_report
-
-    try:
-        result = build_report(
-            m.output,
-            dest=output,
-            title=f"dgaug report: {m.name}" if m.name else None,
-            samples=samples,
-            max_points=max_points,
-            seed=m.seed if seed is None else seed,
-        )
-    except KeyboardInterrupt:
-        raise _fail(exitcodes.INTERRUPTED, "interrupted") from None
-    except NothingToReport as e:
-        raise _fail(exitcodes.INVALID, f"error: {e}; run `dgaug run {manifest}` first") from None
-    except Exception as e:
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        raise _fail(*msg) from None
+    with user_errors(interrupted="interrupted"):
+        try:
+            result = report_run(
+                m.output,
+                dest=output,
+                title=f"dgaug report: {m.name}" if m.name else None,
+                samples=samples,
+                max_points=max_points,
+                seed=m.seed if seed is None else seed,
+            )
+        except NothingToReport as e:  # the line names the command that makes the run
+            raise fail(INVALID, f"error: {e}; run `dgaug run {manifest}` first") from None
     print(result.index)
