@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo report-screenshot test test-slow soak lint format bench scaling gpu-wheels clean
+.PHONY: help install demo report-screenshot test test-fast test-slow soak lint format bench scaling gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -28,11 +28,15 @@ report-screenshot: $(STAMP)  ## re-take docs/report.png, the README's picture of
 	chromium --headless --no-sandbox --hide-scrollbars --user-data-dir=$$(mktemp -d) \
 	  --screenshot=docs/report.png --window-size=1280,1600 file://$(CURDIR)/demo-output/report/index.html
 
-test: $(STAMP)  ## run the test suite (no network, no GPU)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
-
-test-slow: $(STAMP)  ## the suite plus the slower tests
+# A later -m replaces pyproject's `-m 'not gpu'`, so each tier says `not gpu` again.
+test: $(STAMP)  ## run the whole test suite but the GPU tests (no network, no GPU)
 	$(BIN)/pytest -q -m 'not gpu' $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the suite without the slow tests (end-to-end, kills, cluster, S3 server): a few minutes
+	$(BIN)/pytest -q -m 'not gpu and not slow' $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## only the slow tests: end-to-end, kills, cluster, S3 server
+	$(BIN)/pytest -q -m 'slow and not gpu' $(PYTEST_ARGS)
 
 soak: $(STAMP)  ## the kill harness with many SIGKILLs over every stage (a table; JSON in bench/results/)
 	$(BIN)/python tests/soak.py --kills 50 --seed 0

@@ -31,7 +31,7 @@ from tests.helpers import (
     tiny_manifest_dict,
 )
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SHARDS = 4
 MODEL_STAGES = ("edsam", "features")

@@ -32,6 +32,9 @@ from tests.soak import (
     temporaries,
 )
 
+# Every test here drives whole runs and kills them: the slow tier.
+pytestmark = pytest.mark.slow
+
 # Keys in the reference: 48 real samples (tar and status parquet), 96 ED-SAM samples, 144
 # feature rows (real + ED-SAM), 144 LDFS rows (48 real x 3 target domains).
 REFERENCE_KEYS = 48 + 48 + 96 + 144 + 144

@@ -33,6 +33,9 @@ from tests.helpers import (
     write_tar,
 )
 
+# Every test here talks to the session's S3 server (a moto process): the slow tier.
+pytestmark = pytest.mark.slow
+
 TAR_STAGES = {"real": 3, "edsam": 3}
 PARQUET_STAGES = {"features": 3}
 
