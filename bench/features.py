@@ -82,7 +82,7 @@ def run_loop(clip: Any, shard: Path, batch: int, dtype: str, tmp: Path) -> int:
     """clip-retrieval's shape: per batch, decode, preprocess, embed; then write the table."""
     from PIL import Image
 
-    from dgaug.core.shard_io import read_tar_samples
+    from dgaug.core.tars import read_tar_samples
     from dgaug.stages.features.stage import _table
 
     columns: dict[str, list[Any]] = {

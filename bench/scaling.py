@@ -70,8 +70,8 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
     import ray
 
     from dgaug.job.manifest import validate
-    from dgaug.pipeline.executors.ray import connect
     from dgaug.job.run import run_pipeline
+    from dgaug.pipeline.executors.ray import connect
 
     if args.address:
         connect(args.address)

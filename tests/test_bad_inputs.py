@@ -37,7 +37,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from dgaug.core.shard_io import BadImage, open_rgb
+from dgaug.core.images import BadImage, open_rgb
 from dgaug.job.manifest import validate
 from dgaug.job.run import run_pipeline
 from dgaug.pipeline.run import RunSummary

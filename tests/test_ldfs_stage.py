@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import ManifestError, validate
-from dgaug.pipeline.run import plan_stages, run_pipeline
+from dgaug.job.run import plan_stages, run_pipeline
 from tests.helpers import tiny_manifest_dict
 
 FEATURES = {"model": "tiny-random", "device": "cpu", "batch_size": 16, "cpu_threads": 1}

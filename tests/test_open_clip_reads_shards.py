@@ -21,8 +21,8 @@ import torch
 
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import Manifest, validate
-from dgaug.pipeline.mix import write_mix
 from dgaug.job.run import run_pipeline
+from dgaug.pipeline.mix import write_mix
 from tests.helpers import tiny_manifest_dict
 
 EDSAM = {"model": "tiny-random", "device": "cpu", "samples_per_image": 2, "steps": 2}

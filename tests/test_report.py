@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from dgaug.cli.app import app
 from dgaug.core import errors as exitcodes
 from dgaug.core.storage import Storage
-from dgaug.pipeline.ledger import Ledger
 from dgaug.job.registry import STAGE_CLASSES
 from dgaug.job.report import report_run
+from dgaug.pipeline.ledger import Ledger
 from dgaug.pipeline.status import read_status
 from dgaug.report import collect
 from dgaug.report.contact import build_sheet, format_alpha, sample_tile

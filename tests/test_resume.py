@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from dgaug.job.manifest import validate
-from dgaug.pipeline.run import FingerprintMismatch
 from dgaug.job.run import run_pipeline
+from dgaug.pipeline.run import FingerprintMismatch
 from dgaug.pipeline.status import read_status
 from dgaug.stages.download.stage import DownloadStage
 from tests.helpers import dgaug_process, tiny_manifest_dict

@@ -33,8 +33,8 @@ from dgaug.cli.app import app
 from dgaug.core import errors as exitcodes
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import validate
-from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock
 from dgaug.job.run import run_pipeline
+from dgaug.pipeline.lock import LOCK_REL, LockHeld, RunLock
 from tests.helpers import dgaug_process, tiny_manifest_dict
 
 SHARDS = 6

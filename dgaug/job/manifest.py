@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dgaug.core.errors import ManifestError
 from dgaug.core.values import (
     MAX_DEPTH,
     check_protocols,
@@ -30,18 +31,6 @@ from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.features.config import FeaturesConfig
 from dgaug.stages.ldfs.config import LdfsConfig
 from dgaug.trainer.config import TrainConfig
-
-
-class ManifestError(Exception):
-    """A manifest that cannot be used; `problems` lists every `field.path: message` found."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(
-            f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  {p}" for p in problems)
-        )
 
 
 class _Strict(BaseModel):
@@ -241,4 +230,3 @@ def load_manifest(path: str | os.PathLike, overrides: list[str] | None = None) -
 def dump_manifest(m: Manifest) -> str:
     """The resolved manifest as YAML, every default written out."""
     return yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-

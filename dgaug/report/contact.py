@@ -9,7 +9,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from dgaug.core.shard_io import IMAGE_EXTS, MAX_ASPECT_RATIO, open_rgb, read_tar_samples
+from dgaug.core.constants import IMAGE_EXTS, MAX_ASPECT_RATIO
+from dgaug.core.images import open_rgb
+from dgaug.core.tars import read_tar_samples
 from dgaug.report.collect import RunView
 
 log = logging.getLogger(__name__)

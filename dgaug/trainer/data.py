@@ -46,7 +46,7 @@ class Pair:
 
 def decode_image(data: bytes):
     """8-bit RGB as the pipeline's stages decode it (16-bit scaled, alpha on white)."""
-    from dgaug.core.shard_io import open_rgb  # a format helper; imports nothing of the pipeline
+    from dgaug.core.images import open_rgb
 
     return open_rgb(data)
 

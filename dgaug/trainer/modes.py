@@ -33,7 +33,7 @@ def load_pixels(preprocess, pair: Pair, skipped: Counter[str]) -> torch.Tensor |
     A shards source keeps image bytes as they came, so a bad image can reach the trainer; as in
     the stages, it costs that sample only, and the same bytes are skipped on every run.
     """
-    from dgaug.core.shard_io import skip_reason
+    from dgaug.core.images import skip_reason
 
     try:
         return preprocess(decode_image(pair.image.read()))

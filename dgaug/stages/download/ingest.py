@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from typing import Any
 
@@ -13,74 +12,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dgaug.core.constants import IMAGE_EXTS
-from dgaug.core.tars import write_deterministic_tar
+from dgaug.core.tars import TarDamage, stream_samples, write_deterministic_tar
 from dgaug.pipeline.stage import ShardResult
 from dgaug.stages.download.urls import sample_key
-
-
-class _EndRecordingTarInfo(tarfile.TarInfo):
-    """Remembers on the TarFile why its member list ended.
-
-    tarfile ends the list silently at any bad header after the first: a zero block (the proper
-    end), but also a file cut at or inside a header. Only the first is a whole archive.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as e:
-            tarfile_.dgaug_end = e  # type: ignore[attr-defined]
-            raise
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """(key, extension) as webdataset splits a member name: the folder stays in the key, and the
-    key ends at the first dot of the base name (`d/a.b.jpg` -> `d/a`, `b.jpg`)."""
-    folder, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{folder}/{key}" if folder else key), ext.lower()
 
 
 def _iter_samples(
     fileobj: Any,
 ) -> tuple[list[tuple[str, dict[str, bytes]]], str | None, str | None]:
-    """Group adjacent members by key (up to the first dot, as webdataset does); stop at damage.
-
-    A member whose extension the sample already has starts a new sample with the same key
-    (`a.jpg a.txt a.jpg a.txt` is two samples `a`): nothing is overwritten, and ingest_tar counts
-    the second as a duplicate key.
-    At damage, the sample being read is dropped: the one the cut member belongs to, or the last
-    one when the cut fell on a header (its later members may be gone).
-    Returns (samples, damage or None, source key of the dropped sample or None).
-    """
+    """Every whole sample of a foreign tar, the damage that ended it (or None), and the source
+    key of the sample the damage cut (or None)."""
     samples: list[tuple[str, dict[str, bytes]]] = []
-    error = None
-    reading: str | None = None  # key of the member being read when the damage struck
-    joins = False  # whether that member belongs to the last sample (else it starts one)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndRecordingTarInfo) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split_name(m.name)
-                joins = bool(samples) and samples[-1][0] == key and ext not in samples[-1][1]
-                reading = key
-                data = tf.extractfile(m).read()
-                reading = None
-                if joins:
-                    samples[-1][1][ext] = data
-                else:
-                    samples.append((key, {ext: data}))
-            end = getattr(tf, "dgaug_end", None)
-            if end is not None and not isinstance(end, tarfile.EOFHeaderError):
-                error = f"no end-of-archive block ({type(end).__name__}: {end})"
-    except (tarfile.TarError, EOFError, OSError) as e:
-        error = f"{type(e).__name__}: {e}"
-    lost = reading
-    if error and samples and (reading is None or joins):
-        lost = samples.pop()[0]
-    return samples, error, lost if error else None
+        for sample in stream_samples(fileobj):
+            samples.append(sample)
+    except TarDamage as e:
+        return samples, e.error, e.lost
+    return samples, None, None
 
 
 def _skip_reason(

@@ -11,13 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgaug.core.shard_io import (
-    IMAGE_EXTS,
-    MAX_ASPECT_RATIO,
-    open_rgb,
-    read_tar_samples,
-    skip_reason,
-)
+from dgaug.core.constants import IMAGE_EXTS, MAX_ASPECT_RATIO
+from dgaug.core.images import open_rgb, skip_reason
+from dgaug.core.tars import read_tar_samples
 
 COPIED_FIELDS = ("label", "domain")  # copied from the source sample's json when present
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dgaug.core.shard_io import prefetch
+from dgaug.core.prefetch import prefetch
 from dgaug.core.tars import write_deterministic_tar
 from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, StageContext
 from dgaug.stages.edsam.config import EdsamConfig

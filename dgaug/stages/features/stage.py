@@ -11,15 +11,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from dgaug.core.shard_io import (
-    IMAGE_EXTS,
-    MAX_ASPECT_RATIO,
-    embedding_column,
-    open_rgb,
-    prefetch,
-    read_tar_samples,
-    skip_reason,
-)
+from dgaug.core.constants import IMAGE_EXTS, MAX_ASPECT_RATIO
+from dgaug.core.images import open_rgb, skip_reason
+from dgaug.core.parquet import embedding_column
+from dgaug.core.prefetch import prefetch
+from dgaug.core.tars import read_tar_samples
 from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, StageContext
 from dgaug.stages.features.config import FeaturesConfig
 

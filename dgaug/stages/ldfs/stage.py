@@ -295,7 +295,7 @@ def ldfs_table(rows: list[dict[str, Any]], dtype: str, dim: int, metadata: dict[
     import numpy as np
     import pyarrow as pa
 
-    from dgaug.core.shard_io import embedding_column
+    from dgaug.core.parquet import embedding_column
 
     pa_type = pa.float16() if dtype == "float16" else pa.float32()
     emb = np.stack([r["embedding"] for r in rows]) if rows else np.empty((0, dim), np.float32)

@@ -1,0 +1,16 @@
+"""Parquet helpers shared by the stages that write embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def embedding_column(matrix: Any, dtype: str) -> Any:
+    """A [N, D] float matrix (numpy or CPU tensor) as a Parquet-ready fixed-size-list column of
+    `dtype` ("float16" or "float32"): one list of D numbers per row."""
+    import numpy as np
+    import pyarrow as pa
+
+    arr = np.asarray(matrix, dtype=np.float16 if dtype == "float16" else np.float32)
+    flat = pa.array(arr.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
