@@ -4,23 +4,48 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from dgaug.cli.app import app
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow
+
 DEMO = REPO / "manifests/demo.yaml"
 
 
-def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
-    out = tmp_path / "demo-output"
+@dataclass
+class DemoRun:
+    out: Path
+    result: Result  # the first `dgaug run`
+    files: dict[str, bytes]  # every file of real/, edsam/, features/, ldfs/ right after it
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """One local `dgaug run` of the demo (the costly part: minutes on 2 cores), shared by the
+    tests below; each leaves its output folder as the run left it, apart from train/."""
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    r = CliRunner().invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
+    files = {
+        f"{d}/{p.name}": p.read_bytes()
+        for d in ("real", "edsam", "features", "ldfs")
+        for p in (out / d).glob("*")
+        if p.is_file()
+    }
+    return DemoRun(out, r, files)
+
+
+def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
+    out = demo_run.out
     runner = CliRunner()
-    r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
+    r = demo_run.result
     assert r.exit_code == 0, r.output
     assert f"{out}/real/" in r.output, "the demo says where its shards are"
     assert f"{out}/edsam/" in r.output
@@ -90,18 +115,19 @@ def test_demo_runs_end_to_end_then_is_a_no_op(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) -> None:
-    out = tmp_path / "demo-output"
+def test_demo_on_ray_gives_the_same_bytes_as_local(
+    demo_run: DemoRun, ray_session, request: pytest.FixtureRequest
+) -> None:
+    # The local run is the shared one; Ray writes to the same path (bytes may name it), and the
+    # local folder is put back afterwards for the other tests.
+    out = demo_run.out
     runner = CliRunner()
-    r = runner.invoke(app, ["run", str(DEMO), "--set", f"output={out}"])
+    r = demo_run.result
     assert r.exit_code == 0, r.output
-    local = {
-        f"{d}/{p.name}": p.read_bytes()
-        for d in ("real", "edsam", "features", "ldfs")
-        for p in (out / d).glob("*")
-        if p.is_file()
-    }
-    shutil.move(out, tmp_path / "local")
+    local = demo_run.files
+    kept = out.with_name("demo-output-local")
+    shutil.move(out, kept)
+    request.addfinalizer(lambda: _put_back(kept, out))
 
     r = runner.invoke(
         app,
@@ -126,3 +152,8 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(tmp_path: Path, ray_session) 
     assert on_ray == local
     assert len([n for n in on_ray if n.endswith(".tar")]) == 16
     assert len([n for n in on_ray if n.endswith(".parquet") and n.startswith("features/")]) == 8
+
+
+def _put_back(kept: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.move(kept, out)
