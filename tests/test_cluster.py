@@ -82,7 +82,7 @@ def cluster(s3_endpoint):
 def reference(s3_endpoint) -> dict[str, bytes]:
     """The same manifest run uninterrupted by the local executor, into the same store."""
     from dgaug.job.manifest import validate
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     prefix = f"{new_bucket('cluster-reference')}/out"
     assert run_pipeline(validate(_manifest(f"s3://{prefix}", {"kind": "local"}))).ok

@@ -150,7 +150,7 @@ def test_training_killed_then_rerun_gives_identical_weights(reference: Reference
 def test_ray_worker_killed_mid_shard_is_retried_to_identical_bytes(
     reference: Reference, ray_session
 ) -> None:
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     # Download and ED-SAM only (their bytes do not depend on the later stages): a download
     # worker (its img2dataset launcher must go with it) and an ED-SAM worker are killed.

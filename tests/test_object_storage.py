@@ -128,7 +128,7 @@ def test_status_reads_the_bucket(s3_run: S3Run) -> None:
 
 def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: S3Run) -> None:
     from dgaug.job.manifest import validate
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     before = s3_objects(s3_run.prefix)
     m = validate(yaml.safe_load(s3_run.manifest.read_text()))
@@ -253,7 +253,7 @@ def test_url_list_and_shards_sources_are_read_from_the_bucket(
     import pyarrow.parquet as pq
 
     from dgaug.job.manifest import validate
-    from dgaug.pipeline.run import run_pipeline
+    from dgaug.job.run import run_pipeline
 
     images = {f"/img{i}.jpg": _jpeg(i) for i in range(10)}
 

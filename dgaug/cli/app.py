@@ -11,7 +11,7 @@ import typer
 from dgaug.cli.common import RESUME, console, fail, load, setup_logging, user_errors
 from dgaug.cli.options import ManifestArg, SetOpt
 from dgaug.cli.report import report
-from dgaug.core.errors import FAILED, INVALID, OK, PENDING, REFUSED
+from dgaug.core.errors import FAILED, INVALID, OK, PENDING
 
 app = typer.Typer(
     name="dgaug",
@@ -206,19 +206,10 @@ def train(
             cfg = config_from_options(list(set_ or []), options)
     setup_logging(verbose)
     from dgaug.cli.progress import print_train_result, train_progress
-    from dgaug.trainer.checkpoint import CheckpointMismatch
-    from dgaug.trainer.data import DataError
     from dgaug.trainer.run import train as run_training
 
-    with user_errors(RESUME):
-        try:
-            with train_progress(console(), cfg.mode) as (on_step, on_phase):
-                result = run_training(cfg, on_step=on_step, on_phase=on_phase)
-        # The trainer's own errors do not carry an exit code (yet): say theirs here.
-        except DataError as e:
-            raise fail(INVALID, f"error: {e}") from None
-        except CheckpointMismatch as e:
-            raise fail(REFUSED, f"error: {e}") from None
+    with user_errors(RESUME), train_progress(console(), cfg.mode) as (on_step, on_phase):
+        result = run_training(cfg, on_step=on_step, on_phase=on_phase)
     print_train_result(result)
 
 

@@ -11,13 +11,16 @@ from typing import Any
 import torch
 
 from dgaug.core import atomic
+from dgaug.core.errors import REFUSED, DgaugError
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
-class CheckpointMismatch(Exception):
+class CheckpointMismatch(DgaugError):
     """The output folder holds checkpoints of another training config; resuming would mix them."""
+
+    exit_code = REFUSED
 
 
 @dataclass

@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgaug.core.errors import INVALID, DgaugError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what open_clip's loader takes as the image member
 
 
-class DataError(Exception):
+class DataError(DgaugError):
     """Training or evaluation data that cannot be used (missing folder, no samples, no labels)."""
+
+    exit_code = INVALID
 
 
 @dataclass(frozen=True)
