@@ -23,6 +23,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str) -> str:
+    """sha256 of a file, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def derive_seed(*parts: object, byteorder: Literal["big", "little"] = "big") -> int:
     """A 63-bit seed: the first 8 bytes of sha256("/".join(parts)). The same parts give the same
     stream on every machine, whatever the batch, shard or worker.

@@ -9,6 +9,10 @@ Spec grammar (`load_clip(spec)`):
   first when the hub can be reached).
 - ``hf-hub:ORG/NAME``: a model published with an ``open_clip_config.json`` on the Hugging Face Hub,
   loaded by open_clip itself; cache rules as above.
+- ``local-dir:PATH``: a folder holding ``open_clip_config.json`` and its weights
+  (``open_clip_model.safetensors`` ...), the layout open_clip's hub models use, loaded by
+  open_clip's own ``local-dir:`` loader.
+- ``toy-clip``: the toy world's CLIP shipped in the package, a ``local-dir:`` folder.
 - ``ARCH:PATH`` where PATH contains a ``/``, starts with ``.`` or ``~``, or ends in ``.safetensors``,
   ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``: the architecture with weights from a local file (a
   state dict, or ``{"state_dict": ...}`` with an optional ``module.`` prefix as open_clip training
@@ -34,12 +38,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dgaug.core.constants import TINY
+from dgaug.core.constants import TINY, TOY_CLIP
 from dgaug.models.clip_checkpoint import SUFFIXES, build_for_checkpoint, load_state, read_state_dict
-from dgaug.models.clip_hub import build_hf_hub, build_pretrained
+from dgaug.models.clip_hub import LOCAL_DIR, build_hf_hub, build_local_dir, build_pretrained
 from dgaug.models.clip_tiny import TINY_ARCH, TINY_CONFIG, build_tiny, register_tiny_config
 from dgaug.models.errors import ModelError, brief
 from dgaug.models.runtime import resolve_device
+from dgaug.models.toy import toy_path
 
 # TINY_CONFIG and register_tiny_config are part of this module's interface (tests build the tiny
 # architecture from them); they live with the rest of the tiny model.
@@ -55,8 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPEC_GRAMMAR = (
-    "'tiny-random', 'ARCH:TAG' (e.g. ViT-B-32:laion2b_s34b_b79k), 'hf-hub:ORG/NAME' or "
-    "'ARCH:/path/to/weights.safetensors' (.pt/.pth/.bin also read)"
+    "'tiny-random', 'toy-clip', 'ARCH:TAG' (e.g. ViT-B-32:laion2b_s34b_b79k), 'hf-hub:ORG/NAME', "
+    "'local-dir:/path/to/folder' or 'ARCH:/path/to/weights.safetensors' (.pt/.pth/.bin also read)"
 )
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -164,6 +169,8 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None, str | None]:
     - ``"tiny-random"``: ``tiny-random`` -> ("tiny-random", "dgaug-tiny", None)
     - ``"pretrained"``: ``ARCH:TAG`` -> ("pretrained", ARCH, TAG)
     - ``"hf-hub"``: ``hf-hub:ORG/NAME`` -> ("hf-hub", None, "ORG/NAME")
+    - ``"local-dir"``: ``local-dir:PATH`` -> ("local-dir", None, PATH); ``toy-clip`` is the
+      shipped toy folder
     - ``"checkpoint"``: ``ARCH:PATH`` -> ("checkpoint", ARCH, PATH); PATH is told from a TAG by
       containing a ``/``, starting with ``.`` or ``~``, or ending in a checkpoint suffix.
     ARCH may be written the OpenAI way (``ViT-B/32``); it is returned as open_clip names it.
@@ -171,6 +178,13 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None, str | None]:
     spec = spec.strip()
     if spec == TINY:
         return "tiny-random", TINY_ARCH, None
+    if spec == TOY_CLIP:
+        return "local-dir", None, str(toy_path(spec))
+    if spec.startswith(LOCAL_DIR):
+        folder = spec.removeprefix(LOCAL_DIR)
+        if not folder.strip():
+            raise ModelError(f"CLIP spec {spec!r}: expected local-dir:/path/to/folder")
+        return "local-dir", None, folder
     if spec.startswith("hf-hub:"):
         repo = spec.removeprefix("hf-hub:")
         if repo.count("/") != 1 or not all(repo.split("/")):
@@ -231,6 +245,9 @@ def load_clip(
         _check_arch(arch)
         model, preprocess = build_pretrained(arch, ref, cache_dir)
         tokenizer_name = arch
+    elif kind == "local-dir":
+        model, preprocess = build_local_dir(Path(ref).expanduser())
+        tokenizer_name = f"{LOCAL_DIR}{Path(ref).expanduser()}"
     else:
         model, preprocess = build_hf_hub(ref, cache_dir)
         tokenizer_name = f"hf-hub:{ref}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import huggingface_hub
 import open_clip
@@ -65,6 +66,31 @@ def build_hf_hub(repo: str, cache_dir: str | None) -> tuple[torch.nn.Module, Cal
         model, _, preprocess = open_clip.create_model_and_transforms(
             f"hf-hub:{repo}", cache_dir=cache_dir
         )
+    except Exception as e:
+        raise ModelError(f"CLIP {what} could not be loaded ({brief(e)})") from e
+    return model, preprocess
+
+
+LOCAL_DIR = "local-dir:"  # open_clip's own prefix for a folder in the hub layout
+_LOCAL_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+
+
+def build_local_dir(folder: Path) -> tuple[torch.nn.Module, Callable]:
+    """A folder in the hub layout (open_clip_config.json and weights), by open_clip's loader.
+
+    open_clip goes on with random weights when the folder has a config but no weights: checked
+    first, so that a missing file is an error rather than a silently random model.
+    """
+    what = f"{LOCAL_DIR}{folder}"
+    if not (folder / _HF_CONFIG).is_file():
+        raise ModelError(f"CLIP {what}: no {_HF_CONFIG} in that folder")
+    # Safetensors only: open_clip would unpickle a .bin/.pth found here without weights_only.
+    if not any((folder / name).is_file() for name in _LOCAL_WEIGHTS):
+        raise ModelError(
+            f"CLIP {what}: no safetensors weights in that folder (one of {', '.join(_LOCAL_WEIGHTS)})"
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(what)
     except Exception as e:
         raise ModelError(f"CLIP {what} could not be loaded ({brief(e)})") from e
     return model, preprocess

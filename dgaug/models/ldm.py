@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from dgaug.core.constants import TINY
+from dgaug.core.constants import TINY, TOY_LDM
 from dgaug.models.errors import ModelError, brief, code_in_pickle
 from dgaug.models.ldm_presets import (
     ddim_scheduler,
@@ -24,6 +24,7 @@ from dgaug.models.ldm_presets import (
     tiny_random_components,
 )
 from dgaug.models.runtime import hub_offline, resolve_device
+from dgaug.models.toy import toy_path
 
 # The random-weight parts are part of this module's interface (benchmarks and tests build models
 # from them); they live with the configs they are built from.
@@ -358,7 +359,8 @@ def load_ldm(
     allow_large_on_cpu: bool = False,
     seed: int = 0,
 ) -> LatentDiffusion:
-    """Load "tiny-random", a hub id or a local diffusers folder; ModelError in one line if not."""
+    """Load "tiny-random", "toy-ldm" (the shipped toy model), a hub id or a local diffusers folder;
+    ModelError in one line if not."""
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     if spec == TINY:
@@ -366,8 +368,10 @@ def load_ldm(
         return from_components(
             parts, model_id=spec, tiny=True, device=dev, dtype=dt, compile=compile
         )
-    local = _local_folder(spec)
-    if dev.type == "cpu" and not allow_large_on_cpu:
+    toy = spec == TOY_LDM
+    local = toy_path(spec) if toy else _local_folder(spec)
+    # The toy LDM is a few MB: a CPU runs it in seconds per shard, as the demo does.
+    if dev.type == "cpu" and not allow_large_on_cpu and not toy:
         raise ModelError(
             f"{spec} is a full-size model; on CPU it would take hours per shard. "
             "Use a GPU, or set allow_cpu: true to run it anyway"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -12,6 +11,9 @@ import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from dgaug.core.atomic import atomic_write
+from dgaug.core.hashing import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -65,33 +67,19 @@ def _cache_root() -> Path:
     return Path(xdg) / "dgaug"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A reader in another process must never see a half-written vocabulary.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_files(folder: Path, bpe_gz: bytes) -> None:
     vocab, merges = _vocab_and_merges(bpe_gz)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     # transformers skips the first line of merges.txt, as CLIP's own loader does.
-    _write_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def clip_tokenizer_files() -> Path:
     """The folder holding vocab.json and merges.txt, written once per vocabulary and reused."""
     bpe_gz = _bpe_bytes()
     # Keyed by the BPE file's hash, so another open_clip vocabulary never reuses stale files.
-    key = hashlib.sha256(bpe_gz).hexdigest()[:16]
+    key = sha256_hex(bpe_gz)[:16]
     folder = _cache_root() / "clip-tokenizer" / key
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return folder

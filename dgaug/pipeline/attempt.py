@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -12,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dgaug import __version__
+from dgaug.core.hashing import sha256_file
 from dgaug.core.storage import DiskFull, disk_full
 from dgaug.pipeline.ledger import Ledger, fingerprint
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
@@ -37,14 +37,6 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_attempt(
@@ -76,7 +68,7 @@ def run_attempt(
         outputs = {}
         for name in task.outputs:
             local = os.path.join(scratch, name)
-            outputs[name] = {"bytes": os.path.getsize(local), "sha256": _sha256(local)}
+            outputs[name] = {"bytes": os.path.getsize(local), "sha256": sha256_file(local)}
         for name in task.outputs:
             ctx.storage.commit_file(os.path.join(scratch, name), f"{stage_dir}/{name}")
         duration = time.time() - started
