@@ -1,6 +1,6 @@
 """Train the toy world's CLIP with open_clip's own trainer, and ship it in open_clip's hub layout.
 
-    python toy/train_clip.py            # the shipped model (about 15 min on 2 busy CPU cores)
+    python toy/train_clip.py            # the shipped model (about 15 min on 2 CPU cores shared with other jobs)
     python toy/train_clip.py --quick    # a few steps, to check the plumbing
 
 Data: the webdataset shards dgaug wrote for the toy world (`dgaug run toy/data.yaml`; 12 shards of
@@ -55,8 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default=DEFAULT_DATA, help="folder of the toy world's real shards")
     ap.add_argument("--train-shards", default="{00000..00010}", help="brace range of train shards")
     ap.add_argument("--eval-shard", default="00011", help="held-out shard (never trained on)")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--wd", type=float, default=0.1)
