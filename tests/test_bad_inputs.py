@@ -242,6 +242,7 @@ def download_run(server: str, tmp_path_factory: pytest.TempPathFactory) -> Downl
     return DownloadRun(root / "out", urls, summary)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_download_every_fault_is_a_counted_skip(download_run: DownloadRun) -> None:
     s = download_run.summary.stages["download"]
     assert download_run.summary.ok, s.errors
@@ -255,6 +256,7 @@ def test_download_every_fault_is_a_counted_skip(download_run: DownloadRun) -> No
     assert s.failures == dict(expected)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_download_status_rows_name_each_fault(download_run: DownloadRun) -> None:
     rows = pq.read_table(download_run.out / "real" / "00000.parquet").to_pylist()
     assert len(rows) == len(ROWS) == len({r["key"] for r in rows})
@@ -270,6 +272,7 @@ def test_download_status_rows_name_each_fault(download_run: DownloadRun) -> None
     assert "decompression bomb" in bomb["error_message"]
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_download_keeps_every_good_sample_once(download_run: DownloadRun) -> None:
     samples = _tar_samples(download_run.out / "real" / "00000.tar")
     keys = [k for k, _ in samples]
@@ -290,6 +293,7 @@ def _mean_rgb(jpg: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_download_odd_images_are_converted_faithfully(download_run: DownloadRun) -> None:
     """CMYK, 16-bit and alpha images come out as 8-bit RGB of the colour they show (the square
     40 px sources fill the 32 px output, so there is nothing else to average in)."""
@@ -309,6 +313,7 @@ def test_download_odd_images_are_converted_faithfully(download_run: DownloadRun)
     np.testing.assert_allclose(mean("rgba"), RGBA_ON_WHITE, atol=4)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_bomb_and_alpha_decode_in_bounded_memory(tmp_path: Path) -> None:
     """img2dataset's resizer, set up as the launcher sets it up for every call, in a fresh
     process whose peak memory is read around each call. Unguarded, OpenCV decodes the 400 MP bomb

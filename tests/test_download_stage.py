@@ -385,6 +385,7 @@ def test_same_manifest_gives_identical_bytes(run):
         shutil.move(first, run.out)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_runs_from_python_c_and_leaves_no_helper_process(tmp_path: Path) -> None:
     """img2dataset's per-shard children come from dgaug's launcher process, which needs no main
     module (multiprocessing's forkserver re-imports `__main__`, which `python -c` and notebooks

@@ -233,6 +233,7 @@ def test_bad_sources_are_skipped_and_counted(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_pipeline_shards_resume_and_rerun_byte_identical(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_shard(src / "a.tar", 0, 4, garbage=(2,))

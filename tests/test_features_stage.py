@@ -20,6 +20,8 @@ from dgaug.job.run import run_pipeline
 from tests.helpers import tiny_manifest_dict
 from tests.test_edsam_stage import write_shard
 
+pytestmark = pytest.mark.slow  # every test reads a whole download + edsam + features run: e2e tier
+
 EDSAM = {"model": "tiny-random", "device": "cpu", "samples_per_image": 2, "steps": 2}
 FEATURES = {"model": "tiny-random", "device": "cpu", "batch_size": 5, "cpu_threads": 1}
 

@@ -25,6 +25,8 @@ from dgaug.job.run import run_pipeline
 from dgaug.pipeline.mix import write_mix
 from tests.helpers import tiny_manifest_dict
 
+pytestmark = pytest.mark.slow  # open_clip reading and training on whole pipeline outputs: e2e tier
+
 EDSAM = {"model": "tiny-random", "device": "cpu", "samples_per_image": 2, "steps": 2}
 
 

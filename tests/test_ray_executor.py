@@ -23,7 +23,11 @@ from dgaug.pipeline.ledger import Ledger
 from dgaug.pipeline.stage import ShardResult, ShardTask, Stage, StageContext
 from tests.helpers import RAY_GPU_SLOTS, RAY_TOY_SLOTS
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]  # a scheduling bug hangs: fail fast
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.slow,
+    pytest.mark.timeout(120),
+]  # a scheduling bug hangs: fail fast
 
 
 # Workers cannot import this test module by name: send its toy stages by value instead.

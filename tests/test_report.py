@@ -30,6 +30,8 @@ from dgaug.report.projection import _share, project
 from tests import chromium
 from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict
 
+pytestmark = pytest.mark.slow  # whole runs rendered in headless Chromium: e2e tier
+
 PNG = b"\x89PNG\r\n\x1a\n"
 # What the report of the test run writes: the page, and the figures it embeds and keeps beside it.
 REPORT_FILES = ["contact.png", "index.html", "loss-probe.png", "projection.png", "throughput.png"]

@@ -127,6 +127,7 @@ def _run_and_kill_after(manifest: Path, cwd: Path, markers: int) -> set[str]:
     return {f.stem for f in state.glob("0*.json")}
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(tiny_manifest_dict("out", shard_size=2)))  # 12 shards

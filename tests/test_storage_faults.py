@@ -110,6 +110,7 @@ def small_disk(tmp_path: Path):
                 subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_disk_full_midway_stops_cleanly_then_resumes_identically(tmp_path, small_disk):
     disk, mount = small_disk
     out = disk / "out"
@@ -197,6 +198,7 @@ class _Gate:
         self.httpd.server_close()
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_second_run_process_is_refused_while_the_first_works(tmp_path: Path) -> None:
     import io
 

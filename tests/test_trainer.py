@@ -73,6 +73,7 @@ def _first_last(losses: list[float], n: int = 3) -> tuple[float, float]:
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_clip_mode_loss_falls_and_writes_a_loadable_model(run_out: Path, tmp_path: Path) -> None:
     cfg = _cfg(run_out, tmp_path / "clip", mode="clip", epochs=8, lr=2e-3, warmup_steps=2)
     r = train(cfg)
@@ -92,6 +93,7 @@ def test_clip_mode_loss_falls_and_writes_a_loadable_model(run_out: Path, tmp_pat
     assert (tmp_path / "clip" / "eval.md").read_text().startswith("| domain |")
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_clip_batches_pair_real_samples_with_their_own_edsam_samples(run_out: Path) -> None:
     from dgaug.models.clip import load_clip
     from dgaug.trainer.modes import ClipTask
@@ -120,6 +122,7 @@ def test_clip_batches_pair_real_samples_with_their_own_edsam_samples(run_out: Pa
         task.close()
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_probe_mode_trains_on_real_plus_ldfs_rows(run_out: Path, tmp_path: Path) -> None:
     cfg = _cfg(
         run_out,
@@ -144,6 +147,7 @@ def test_probe_mode_trains_on_real_plus_ldfs_rows(run_out: Path, tmp_path: Path)
     assert json.loads((tmp_path / "probe" / "eval.json").read_text())["probe"] == "trained"
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_coop_mode_learns_only_the_context(run_out: Path, tmp_path: Path) -> None:
     cfg = _cfg(run_out, tmp_path / "coop", mode="coop", epochs=10, lr=0.02, weight_decay=0.0)
     r = train(cfg)
@@ -178,6 +182,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_clip_training_killed_with_sigkill_resumes_to_the_same_weights(
     run_out: Path, tmp_path: Path
 ) -> None:
@@ -225,6 +230,7 @@ def test_clip_training_killed_with_sigkill_resumes_to_the_same_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_a_changed_config_is_refused_on_the_same_output(run_out: Path, tmp_path: Path) -> None:
     train(_cfg(run_out, tmp_path / "p", mode="probe", epochs=1))
     with pytest.raises(CheckpointMismatch, match="another training config"):
@@ -234,6 +240,7 @@ def test_a_changed_config_is_refused_on_the_same_output(run_out: Path, tmp_path:
     assert again.resumed_from == again.steps
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_unusable_inputs_are_one_line_errors(run_out: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a folder of shards"):
         train(_cfg(run_out, tmp_path / "x", data={"real": str(tmp_path / "nowhere")}))
@@ -243,6 +250,7 @@ def test_unusable_inputs_are_one_line_errors(run_out: Path, tmp_path: Path) -> N
         TrainConfig(mode="coop", n_ctx=2, ctx_init="a photo of a")
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_trainer_imports_nothing_from_the_pipeline() -> None:
     code = (
         "import sys, dgaug.trainer.run, dgaug.trainer.evaluate, dgaug.trainer.modes, "
@@ -253,6 +261,7 @@ def test_trainer_imports_nothing_from_the_pipeline() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_dgaug_train_from_a_manifest_prints_the_table(run_out: Path, tmp_path: Path) -> None:
     manifest = yaml_manifest(run_out, tmp_path)
     out = subprocess.run(
