@@ -23,6 +23,13 @@ demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo
 	$(BIN)/dgaug train manifests/demo.yaml
 	$(BIN)/dgaug report manifests/demo.yaml
 
+toy-data: $(STAMP)  ## the toy world's training shards: 12,000 procedural images written by dgaug into ./toy-data
+	$(BIN)/dgaug run toy/data.yaml
+
+toy-models: toy-data  ## remake the shipped toy CLIP and LDM in dgaug/models/toy/ from ./toy-data (CPU; toy/README.md)
+	$(BIN)/python toy/train_clip.py
+	$(BIN)/python toy/train_ldm.py
+
 report-screenshot: $(STAMP)  ## re-take docs/report.png, the README's picture of the demo report (needs chromium)
 	$(BIN)/dgaug report manifests/demo.yaml
 	chromium --headless --no-sandbox --hide-scrollbars --user-data-dir=$$(mktemp -d) \

@@ -1,7 +1,7 @@
 """Zero-shot accuracy of a CLIP on held-out toy-world shards: shape per domain, and domain (style).
 
     python toy/eval_clip.py [--model local-dir:dgaug/models/toy/clip] \
-        [--shards /tmp/toydata/toy-data/real/00011.tar] [--out toy/logs/clip_eval.json]
+        [--shards toy-data/real/00011.tar] [--out toy/logs/clip_eval.json]
 
 The model is loaded by open_clip itself (`local-dir:` reads open_clip_config.json and
 open_clip_model.safetensors from the folder), so this measures the shipped files, not the trainer's
@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_MODEL = f"local-dir:{ROOT / 'dgaug' / 'models' / 'toy' / 'clip'}"
-DEFAULT_SHARDS = ["/tmp/toydata/toy-data/real/00011.tar"]
+DEFAULT_SHARDS = [str(Path(__file__).resolve().parents[1] / "toy-data" / "real" / "00011.tar")]
 ARCH_FILE = HERE / "dgaug-toy-clip.json"
 
 LABELS = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -93,7 +93,11 @@ def evaluate(model, preprocess, tokenizer, samples) -> dict:
         "domain": torch.einsum("nd,nld->nl", img, pair[domains]).argmax(1),
         "ensemble": (img @ ensemble.T).argmax(1),
     }
-    result: dict = {"n": len(samples), "chance_shape": 1 / len(LABELS), "chance_domain": 1 / len(DOMAINS)}
+    result: dict = {
+        "n": len(samples),
+        "chance_shape": 1 / len(LABELS),
+        "chance_domain": 1 / len(DOMAINS),
+    }
     result["shape_accuracy"] = {
         name: {
             "all": float((p == labels).float().mean()),
@@ -162,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     model, preprocess, tokenizer = load(args.model)
     samples = read_shards(args.shards)
-    result = {"model": args.model, "shards": args.shards, **evaluate(model, preprocess, tokenizer, samples)}
+    result = {
+        "model": args.model,
+        "shards": args.shards,
+        **evaluate(model, preprocess, tokenizer, samples),
+    }
     result["seconds"] = round(time.time() - t0, 1)
     print(format_table(result))
     if args.out:

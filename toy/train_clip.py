@@ -45,7 +45,7 @@ import eval_clip  # noqa: E402
 
 ARCH_FILE = HERE / "dgaug-toy-clip.json"  # open_clip names an architecture after its file
 ARCH = ARCH_FILE.stem
-DEFAULT_DATA = "/tmp/toydata/toy-data/real"
+DEFAULT_DATA = str(ROOT / "toy-data" / "real")  # `dgaug run toy/data.yaml` writes it
 DEFAULT_OUT = ROOT / "dgaug" / "models" / "toy" / "clip"
 LOGS = HERE / "logs"
 
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     if parsed["logged_steps"]:
         summary["final_loss"] = parsed["logged_steps"][-1]["loss_epoch_mean"]
     (args.logs / "clip_train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"trained in {seconds:.0f}s; {info['parameters']} parameters, {info['bytes'] / 1e6:.2f} MB")
+    print(
+        f"trained in {seconds:.0f}s; {info['parameters']} parameters, {info['bytes'] / 1e6:.2f} MB"
+    )
     eval_clip.main(
         [
             "--model", f"local-dir:{args.out}",
