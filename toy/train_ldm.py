@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dgaug.models.ldm_presets import TINY_TEXT_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 
 VAE_CONFIG = {
@@ -51,20 +53,8 @@ VAE_CONFIG = {
     # No attention: the VAE trains on 32 px crops and must behave the same at 64 px.
     "mid_block_add_attention": False,
 }
-TEXT_CONFIG = {
-    "vocab_size": 49408,  # the real CLIP vocabulary: any caption tokenizes as it would for SD
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "projection_dim": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
+# dgaug's tiny text encoder, with a wider MLP: the toy's captions must condition the UNet.
+TEXT_CONFIG = {**TINY_TEXT_CONFIG, "intermediate_size": 64}
 UNET_CONFIG = {
     "sample_size": 16,
     "in_channels": 4,
@@ -175,8 +165,13 @@ def train_vae(args, images: torch.Tensor, log: Logger):
             acc[k] += v.item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.vae_steps:
             k = (step % args.log_every) + 1
-            log(part="vae", step=step + 1, **{a: round(b / k, 5) for a, b in acc.items()},
-                lr=round(opt.param_groups[0]["lr"], 6), sec=round(time.time() - t0, 1))
+            log(
+                part="vae",
+                step=step + 1,
+                **{a: round(b / k, 5) for a, b in acc.items()},
+                lr=round(opt.param_groups[0]["lr"], 6),
+                sec=round(time.time() - t0, 1),
+            )
             acc = dict.fromkeys(acc, 0.0)
         if time.time() - t0 > args.max_minutes_vae * 60:
             log(part="vae", event="time_cap", step=step + 1)
@@ -209,8 +204,17 @@ def train_unet(args, mean, std, scale, ids, empty_ids, log: Logger):
     unet = UNet2DConditionModel(**UNET_CONFIG)
     torch.manual_seed(args.seed + 3)
     text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one" and k != "steps_offset"})
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text).requires_grad_(False),
+    )
+    noise_sched = DDPMScheduler(
+        **{
+            k: v
+            for k, v in SCHEDULER_CONFIG.items()
+            if k != "set_alpha_to_one" and k != "steps_offset"
+        }
+    )
     opt = torch.optim.AdamW(
         [
             {"params": unet.parameters(), "weight_decay": 1e-2},
@@ -247,8 +251,13 @@ def train_unet(args, mean, std, scale, ids, empty_ids, log: Logger):
         acc += loss.item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.unet_steps:
             k = (step % args.log_every) + 1
-            log(part="unet", step=step + 1, loss=round(acc / k, 5), lr=round(lr, 6),
-                sec=round(time.time() - t0, 1))
+            log(
+                part="unet",
+                step=step + 1,
+                loss=round(acc / k, 5),
+                lr=round(lr, 6),
+                sec=round(time.time() - t0, 1),
+            )
             acc = 0.0
         if time.time() - t0 > args.max_minutes_unet * 60:
             log(part="unet", event="time_cap", step=step + 1)
@@ -314,9 +323,15 @@ def main() -> None:
     data = load_shards(paths)
     images = data["images"]
     t_data = time.time() - t_all
-    log(event="data", shards=[p.name for p in paths], images=int(images.shape[0]),
-        domains=sorted(set(data["domains"])), labels=sorted(set(data["labels"])),
-        sec=round(t_data, 1), args={k: str(v) for k, v in vars(args).items()})
+    log(
+        event="data",
+        shards=[p.name for p in paths],
+        images=int(images.shape[0]),
+        domains=sorted(set(data["domains"])),
+        labels=sorted(set(data["labels"])),
+        sec=round(t_data, 1),
+        args={k: str(v) for k, v in vars(args).items()},
+    )
 
     vae, vae_steps, t_vae = train_vae(args, images, log)
     t1 = time.time()
@@ -324,14 +339,20 @@ def main() -> None:
     # SD's recipe: scale latents to unit variance, measured on samples of the posterior.
     scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
     t_enc = time.time() - t1
-    log(event="latents", shape=list(mean.shape[1:]), scaling_factor=round(scale, 5),
-        posterior_std=round(float(std.mean()), 5), sec=round(t_enc, 1))
+    log(
+        event="latents",
+        shape=list(mean.shape[1:]),
+        scaling_factor=round(scale, 5),
+        posterior_std=round(float(std.mean()), 5),
+        sec=round(t_enc, 1),
+    )
 
     tokenizer = clip_tokenizer()
 
     def tokenize(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
 
     ids, empty_ids = tokenize(data["captions"]), tokenize([""])[0]
     unet, text, unet_steps, t_unet = train_unet(args, mean, std, scale, ids, empty_ids, log)
@@ -339,12 +360,22 @@ def main() -> None:
     t2 = time.time()
     save(args.out, vae, unet, text, tokenizer, scale)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    log(event="done", vae_steps=vae_steps, unet_steps=unet_steps,
+    log(
+        event="done",
+        vae_steps=vae_steps,
+        unet_steps=unet_steps,
         params={"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text)},
-        seconds={"data": round(t_data, 1), "vae": round(t_vae, 1), "encode": round(t_enc, 1),
-                 "unet": round(t_unet, 1), "save": round(time.time() - t2, 1),
-                 "total": round(time.time() - t_all, 1)},
-        folder_mb=round(size / 1e6, 2), out=str(args.out))
+        seconds={
+            "data": round(t_data, 1),
+            "vae": round(t_vae, 1),
+            "encode": round(t_enc, 1),
+            "unet": round(t_unet, 1),
+            "save": round(time.time() - t2, 1),
+            "total": round(time.time() - t_all, 1),
+        },
+        folder_mb=round(size / 1e6, 2),
+        out=str(args.out),
+    )
 
 
 if __name__ == "__main__":
