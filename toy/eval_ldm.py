@@ -38,8 +38,12 @@ class Classifier(torch.nn.Module):
         c = [3, 16, 32, 64]
         layers = []
         for a, b in zip(c, c[1:], strict=False):
-            layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b),
-                       torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            layers += [
+                torch.nn.Conv2d(a, b, 3, padding=1),
+                torch.nn.BatchNorm2d(b),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            ]
         self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.shape = torch.nn.Linear(64, len(SHAPES))
         self.style = torch.nn.Linear(64, len(STYLES))
@@ -114,7 +118,9 @@ def main() -> None:
     p.add_argument("--classifier-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     # Reused when present: the classifier depends only on the data, not on the LDM.
-    p.add_argument("--classifier-cache", type=Path, default=Path("/tmp/dgaug-toy-shape-style-cnn.pt"))
+    p.add_argument(
+        "--classifier-cache", type=Path, default=Path("/tmp/dgaug-toy-shape-style-cnn.pt")
+    )
     p.add_argument("--out", type=Path, default=REPO / "toy/logs")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -153,31 +159,47 @@ def main() -> None:
     hs = torch.tensor([SHAPES.index(s) for s in held["labels"]])
     hd = torch.tensor([STYLES.index(s) for s in held["domains"]])
     ps_, pd_ = predict(net, x)
-    res["classifier_on_real_heldout"] = {"shape_acc": round(float((ps_ == hs).float().mean()), 3),
-                                         "style_acc": round(float((pd_ == hd).float().mean()), 3)}
+    res["classifier_on_real_heldout"] = {
+        "shape_acc": round(float((ps_ == hs).float().mean()), 3),
+        "style_acc": round(float((pd_ == hd).float().mean()), 3),
+    }
 
     # 3. Text-to-image samples from held-out captions of each (shape, style) cell.
     captions, want_shape, want_style = [], [], []
     for si, shape in enumerate(SHAPES):
         for di, style in enumerate(STYLES):
-            cell = [c for c, lab, dom in zip(held["captions"], held["labels"], held["domains"],
-                                             strict=True) if lab == shape and dom == style]
+            cell = [
+                c
+                for c, lab, dom in zip(
+                    held["captions"], held["labels"], held["domains"], strict=True
+                )
+                if lab == shape and dom == style
+            ]
             captions += cell[: args.per_cell]
             want_shape += [si] * args.per_cell
             want_style += [di] * args.per_cell
     t1 = time.time()
-    imgs = torch.cat([sample(m, captions[i : i + 48], args.steps, args.guidance, args.seed + i)
-                      for i in range(0, len(captions), 48)])
+    imgs = torch.cat(
+        [
+            sample(m, captions[i : i + 48], args.steps, args.guidance, args.seed + i)
+            for i in range(0, len(captions), 48)
+        ]
+    )
     res["sampling_seconds"] = round(time.time() - t1, 1)
     sheet(imgs, 4 * args.per_cell).save(args.out / "ldm_samples.png")
     ws, wd = torch.tensor(want_shape), torch.tensor(want_style)
     qs, qd = predict(net, imgs)
     res["samples"] = {
-        "n": len(captions), "ddim_steps": args.steps, "guidance": args.guidance,
-        "shape_acc": round(float((qs == ws).float().mean()), 3), "shape_chance": round(1 / 6, 3),
-        "style_acc": round(float((qd == wd).float().mean()), 3), "style_chance": 0.25,
-        "shape_acc_by_style": {d: round(float((qs == ws)[wd == i].float().mean()), 3)
-                               for i, d in enumerate(STYLES)},
+        "n": len(captions),
+        "ddim_steps": args.steps,
+        "guidance": args.guidance,
+        "shape_acc": round(float((qs == ws).float().mean()), 3),
+        "shape_chance": round(1 / 6, 3),
+        "style_acc": round(float((qd == wd).float().mean()), 3),
+        "style_chance": 0.25,
+        "shape_acc_by_style": {
+            d: round(float((qs == ws)[wd == i].float().mean()), 3) for i, d in enumerate(STYLES)
+        },
         "example_captions": captions[:: args.per_cell * 4][:6],
     }
     res["seconds"] = round(time.time() - t0, 1)
