@@ -43,8 +43,10 @@ def test_toy_clip_loads_by_name_and_by_local_dir_path() -> None:
     by_name = load_clip(TOY_CLIP, device="cpu")
     by_path = load_clip(f"local-dir:{toy_path(TOY_CLIP)}", device="cpu")
     assert not by_name.tiny and by_name.image_size == 64
-    for a, b in zip(by_name.model.state_dict().values(), by_path.model.state_dict().values()):
-        assert torch.equal(a, b)
+    named, pathed = by_name.model.state_dict(), by_path.model.state_dict()
+    assert named.keys() == pathed.keys()
+    for key, value in named.items():
+        assert torch.equal(value, pathed[key]), key
 
 
 def test_toy_clip_tells_shapes_and_styles_far_above_chance(world) -> None:
