@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dgaug.models.ldm_presets import TINY_TEXT_CONFIG
+from dgaug.models.ldm_presets import SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,17 +66,6 @@ UNET_CONFIG = {
     "cross_attention_dim": 32,
     "attention_head_dim": 4,
     "norm_num_groups": 16,
-}
-# SD-1.x's noise schedule.
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
 }
 
 
@@ -211,7 +200,7 @@ def train_unet(args, mean, std, scale, ids, empty_ids, log: Logger):
     noise_sched = DDPMScheduler(
         **{
             k: v
-            for k, v in SCHEDULER_CONFIG.items()
+            for k, v in SD_SCHEDULER_CONFIG.items()
             if k != "set_alpha_to_one" and k != "steps_offset"
         }
     )
@@ -275,7 +264,7 @@ def save(out: Path, vae, unet, text, tokenizer, scale: float) -> None:
         text_encoder=copy.deepcopy(text).half(),
         tokenizer=tokenizer,
         unet=copy.deepcopy(unet).half(),
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
