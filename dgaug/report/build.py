@@ -50,15 +50,18 @@ def build_report(
     from dgaug.report.contact import build_sheet
     from dgaug.report.page import render_page
     from dgaug.report.projection import project
+    from dgaug.report.retention import measure
 
     view = read_run(output, read_status, stage_order)
     t0 = time.perf_counter()
     sheet = build_sheet(view, samples, seed)
     points = project(view, max_points, seed, use_umap=use_umap)
+    retention = measure(view, seed=seed)
     log.info(
-        "report: read %d images, %d points in %.1fs",
+        "report: read %d images, %d points, %d rows for class retention in %.1fs",
         len(sheet.rows),
         points.n,
+        retention.real + retention.edsam,
         time.perf_counter() - t0,
     )
 
@@ -89,6 +92,7 @@ def build_report(
         view=view,
         sheet=sheet,
         projection=points,
+        retention=retention,
         figures=figures,
     )
     target = Storage(dest) if dest is not None else Storage(view.storage.url(REPORT_DIR))

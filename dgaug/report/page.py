@@ -9,6 +9,7 @@ from dgaug.report.collect import RunView, Training
 from dgaug.report.contact import ContactRow, ContactSheet, Tile
 from dgaug.report.html import empty, esc, img, page, table
 from dgaug.report.projection import Projection
+from dgaug.report.retention import Retention
 
 ORIGIN_NAMES = {"real": "real", "edsam": "ED-SAM", "ldfs": "LDFS"}
 METRIC_NAMES = {"zero_shot": "zero-shot", "zero_shot_start": "zero-shot (start)", "probe": "probe"}
@@ -125,6 +126,36 @@ def projection_section(p: Projection, figures: dict[str, bytes], seed: int) -> s
         )
         out.append(_figure(figures, "projection.png", "feature space projection"))
     out += [f'<p class="note">{esc(n)}</p>' for n in p.notes]
+    return "".join(out) + "</section>"
+
+
+def _num(v: float | None, digits: int = 3) -> str | None:
+    return None if v is None or math.isnan(v) else f"{v:.{digits}f}"
+
+
+def retention_section(r: Retention) -> str:
+    out = ['<section id="retention"><h2>Do ED-SAM samples keep their class?</h2>']
+    if r.real_accuracy is None:
+        out.append(empty("no real image features with 2 or more classes yet: nothing to measure"))
+    else:
+        read, total = r.files_read
+        out.append(
+            f'<p class="note">A nearest-centroid classifier on the CLIP image embeddings: one '
+            f"centroid per class from the {r.real} real images ({r.classes} classes, chance "
+            f"{_num(r.chance)}), applied to the real images and to the {r.edsam} ED-SAM samples, "
+            f"each labelled with its source's class. The cosines say how far the samples moved "
+            f"(a copy has 1.0 to its source; two real images of one class have the last row) "
+            f"and how well they still fit their caption. {read} of {total} features file(s) read."
+            "</p>"
+        )
+        rows = [
+            ("class accuracy, nearest centroid", _num(r.real_accuracy), _num(r.edsam_accuracy)),
+            ("cos(image, its caption)", _num(r.real_to_caption), _num(r.edsam_to_caption)),
+            ("cos(sample, its source image)", "1.000", _num(r.edsam_to_source)),
+            ("cos(real, another real of its class)", _num(r.real_to_same_class), None),
+        ]
+        out.append(table(["measure", "real", "ED-SAM"], rows))
+    out += [f'<p class="note">{esc(n)}</p>' for n in r.notes]
     return "".join(out) + "</section>"
 
 
@@ -345,6 +376,7 @@ def render_page(
     view: RunView,
     sheet: ContactSheet,
     projection: Projection,
+    retention: Retention,
     figures: dict[str, bytes],
 ) -> str:
     nav = "".join(
@@ -352,6 +384,7 @@ def render_page(
         for a, t in (
             ("augmentations", "Augmentations"),
             ("features", "Feature space"),
+            ("retention", "Class kept?"),
             ("run", "The run"),
             ("training", "Training"),
         )
@@ -366,6 +399,7 @@ def render_page(
         f'<p class="state">{esc(_state_line(view))}</p><nav>{nav}</nav></header>'
         + contact_section(sheet, figures, seed)
         + projection_section(projection, figures, seed)
+        + retention_section(retention)
         + run_section(view, figures)
         + training_section(view.trainings, figures)
         + problems
