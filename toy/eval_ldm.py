@@ -1,5 +1,6 @@
 """Measure the toy LDM loaded through dgaug: VAE PSNR on held-out images, text-to-image samples
-classified by a small CNN trained on the real pixels (shape and style accuracy vs chance).
+classified by a small CNN trained on the real pixels and by the toy CLIP (shape and style
+accuracy vs chance).
 
   .venv/bin/python toy/eval_ldm.py --data toy-data/real
 Writes toy/logs/ldm_eval.json, toy/logs/ldm_samples.png (rows: 6 shapes; columns: 4 samples of each
@@ -106,6 +107,30 @@ def sample(m, captions: list[str], steps: int, guidance: float, seed: int) -> to
     return m.decode(z)
 
 
+def clip_zero_shot(imgs: torch.Tensor, shape: torch.Tensor, style: torch.Tensor) -> dict:
+    """Shape ("a photo of a {label}") and style ("a {style} of a shape") accuracy of the toy CLIP."""
+    from dgaug.core.constants import TOY_CLIP
+    from dgaug.models.clip import load_clip
+
+    clip = load_clip(TOY_CLIP, device="cpu")
+    pil = [
+        Image.fromarray(((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        for im in imgs
+    ]
+    with torch.no_grad():
+        x = clip.encode_pil(pil)
+        qs = (x @ clip.encode_text([f"a photo of a {c}" for c in SHAPES]).T).argmax(1)
+        qd = (x @ clip.encode_text([f"a {s} of a shape" for s in STYLES]).T).argmax(1)
+    return {
+        "shape_acc": round(float((qs == shape).float().mean()), 3),
+        "style_acc": round(float((qd == style).float().mean()), 3),
+        "shape_acc_by_style": {
+            d: round(float((qs == shape)[style == i].float().mean()), 3)
+            for i, d in enumerate(STYLES)
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(REPO / "dgaug/models/toy/ldm"))
@@ -202,6 +227,8 @@ def main() -> None:
         },
         "example_captions": captions[:: args.per_cell * 4][:6],
     }
+    # 4. The same samples classified by the toy CLIP, zero-shot (the issue's measure).
+    res["samples_by_toy_clip"] = clip_zero_shot(imgs, ws, wd)
     res["seconds"] = round(time.time() - t0, 1)
     (args.out / "ldm_eval.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

@@ -1,6 +1,6 @@
 """Train the toy world's CLIP with open_clip's own trainer, and ship it in open_clip's hub layout.
 
-    python toy/train_clip.py            # the shipped model (about 15 min on 2 CPU cores shared with other jobs)
+    python toy/train_clip.py            # the shipped model (about 17 min on one CPU core)
     python toy/train_clip.py --quick    # a few steps, to check the plumbing
 
 Data: the webdataset shards dgaug wrote for the toy world (`dgaug run toy/data.yaml`; 12 shards of
@@ -44,7 +44,6 @@ sys.path.insert(0, str(HERE))
 import eval_clip  # noqa: E402
 
 ARCH_FILE = HERE / "dgaug-toy-clip.json"  # open_clip names an architecture after its file
-ARCH = ARCH_FILE.stem
 DEFAULT_DATA = str(ROOT / "toy-data" / "real")  # `dgaug run toy/data.yaml` writes it
 DEFAULT_OUT = ROOT / "dgaug" / "models" / "toy" / "clip"
 LOGS = HERE / "logs"
@@ -54,8 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="folder of the toy world's real shards")
     ap.add_argument("--train-shards", default="{00000..00010}", help="brace range of train shards")
+    ap.add_argument("--arch", type=Path, default=ARCH_FILE, help="open_clip model config (json)")
     ap.add_argument("--eval-shard", default="00011", help="held-out shard (never trained on)")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -76,7 +76,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def trainer_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
     data = Path(args.data)
     return [
-        "--model", ARCH,
+        "--model", args.arch.stem,
         "--train-data", str(data / f"{args.train_shards}.tar"),
         "--val-data", str(data / f"{args.eval_shard}.tar"),
         "--dataset-type", "webdataset",  # sample counts come from sizes.json beside the shards
@@ -103,7 +103,7 @@ def trainer_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
 def train(args: argparse.Namespace) -> tuple[Path, Path, float]:
     """Run open_clip's trainer; returns (final checkpoint, its log, seconds)."""
     run_dir = Path(tempfile.mkdtemp(prefix="toy-clip-run-"))
-    open_clip.add_model_config(ARCH_FILE)
+    open_clip.add_model_config(args.arch)
     from open_clip_train.main import main as open_clip_main
 
     argv = trainer_argv(args, run_dir)
@@ -119,12 +119,12 @@ def train(args: argparse.Namespace) -> tuple[Path, Path, float]:
     return ckpt, run_dir / "toy-clip" / "out.log", seconds
 
 
-def export(ckpt: Path, out: Path) -> dict:
+def export(ckpt: Path, out: Path, arch: Path) -> dict:
     """The trainer's checkpoint -> out/{open_clip_config.json, open_clip_model.safetensors}."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model_cfg = json.loads(ARCH_FILE.read_text())
-    model = open_clip.create_model(ARCH)  # to check the state fits and read its preprocessing
+    model_cfg = json.loads(arch.read_text())
+    model = open_clip.create_model(arch.stem)  # to check the state fits and read its preprocessing
     model.load_state_dict(state, strict=True)
     pp = open_clip.get_model_preprocess_cfg(model)
     preprocess_cfg = {
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     sizes = json.loads((data / "sizes.json").read_text())
     ckpt, log, seconds = train(args)
-    info = export(ckpt, args.out)
+    info = export(ckpt, args.out, args.arch)
     args.logs.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(log, args.logs / "clip_train.log")
     parsed = parse_log(log)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python toy/train_clip.py " + " ".join(argv or sys.argv[1:]),
         "trainer": "open_clip_train.main (open_clip_torch " + open_clip.__version__ + ")",
         "trainer_argv": trainer_argv(args, Path("<run>")),
-        "architecture": ARCH,
+        "architecture": args.arch.stem,
         "data": {
             "folder": str(data),
             "written_by": "dgaug run toy/data.yaml",

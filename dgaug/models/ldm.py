@@ -350,6 +350,18 @@ def from_components(
     )
 
 
+# UNet weights up to this size count as small enough for a CPU (SD-1.5's are 1.7-3.4 GB).
+SMALL_UNET_BYTES = 100 * 2**20
+
+
+def _unet_bytes(folder: Path) -> int:
+    unet = folder / "unet"
+    if not unet.is_dir():
+        return SMALL_UNET_BYTES + 1  # unknown layout: treat as full size
+    size = sum(p.stat().st_size for p in unet.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return size or SMALL_UNET_BYTES + 1  # no weights to measure: treat as full size
+
+
 def load_ldm(
     spec: str,
     *,
@@ -370,8 +382,10 @@ def load_ldm(
         )
     toy = spec == TOY_LDM
     local = toy_path(spec) if toy else _local_folder(spec)
-    # The toy LDM is a few MB: a CPU runs it in seconds per shard, as the demo does.
-    if dev.type == "cpu" and not allow_large_on_cpu and not toy:
+    # A model of a few MB (the toy LDM, or another small folder) runs in seconds per shard on a
+    # CPU, as the demo does; a full-size one would take hours.
+    small = toy or (local is not None and _unet_bytes(local) <= SMALL_UNET_BYTES)
+    if dev.type == "cpu" and not allow_large_on_cpu and not small:
         raise ModelError(
             f"{spec} is a full-size model; on CPU it would take hours per shard. "
             "Use a GPU, or set allow_cpu: true to run it anyway"
