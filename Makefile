@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## install dgaug and its dev tools into .venv with uv
 
-demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo-output, train and evaluate, then write its report
+demo: $(STAMP)  ## run the embedded demo (offline, CPU, the toy models) into ./demo-output, train and evaluate, then write its report
 	$(BIN)/dgaug run manifests/demo.yaml
 	$(BIN)/dgaug train manifests/demo.yaml
 	$(BIN)/dgaug report manifests/demo.yaml
@@ -26,9 +26,11 @@ demo: $(STAMP)  ## run the embedded demo (offline, CPU, tiny models) into ./demo
 toy-data: $(STAMP)  ## the toy world's training shards: 12,000 procedural images written by dgaug into ./toy-data
 	$(BIN)/dgaug run toy/data.yaml
 
+# The two trainings run side by side, one thread each (about 40 min on 2 cores, toy/README.md).
 toy-models: toy-data  ## remake the shipped toy CLIP and LDM in dgaug/models/toy/ from ./toy-data (CPU; toy/README.md)
-	$(BIN)/python toy/train_clip.py
-	$(BIN)/python toy/train_ldm.py
+	$(BIN)/python toy/train_clip.py & clip=$$!; \
+	$(BIN)/python toy/train_ldm.py; ldm=$$?; \
+	wait $$clip; clip=$$?; test $$ldm -eq 0 && test $$clip -eq 0
 
 report-screenshot: $(STAMP)  ## re-take docs/report.png, the README's picture of the demo report (needs chromium)
 	$(BIN)/dgaug report manifests/demo.yaml
