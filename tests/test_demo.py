@@ -54,12 +54,12 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
     assert f"--train-data {mix}" in r.output, "the demo says how open_clip reads every shard"
 
     sizes = json.loads((out / "real/sizes.json").read_text())
-    assert len(sizes) == 8 and sum(sizes.values()) == 384
+    assert len(sizes) == 4 and sum(sizes.values()) == 192
     urls = [str(out / "real" / name) for name in sorted(sizes)]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
-    assert len(samples) == 384
+    assert len(samples) == 192
     keys = [s["__key__"] for s in samples]
-    assert len(set(keys)) == 384 and all(k.isdigit() for k in keys)
+    assert len(set(keys)) == 192 and all(k.isdigit() for k in keys)
     meta = json.loads(samples[0]["json"])
     assert meta["domain"] in {"photo", "sketch", "cartoon", "painting"} and meta["label"]
     assert samples[0]["txt"].decode().strip()
@@ -82,11 +82,11 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
 
     # Features: one row per real and ED-SAM sample, unit-norm embeddings of the toy CLIP.
     feats = [pq.read_table(p) for p in sorted((out / "features").glob("*.parquet"))]
-    assert len(feats) == 8 and sum(t.num_rows for t in feats) == 384 + 768
+    assert len(feats) == 4 and sum(t.num_rows for t in feats) == 192 + 384
     assert sorted(feats[0].column("origin").unique().to_pylist()) == ["edsam", "real"]
     # LDFS: one synthetic feature per real sample and target domain, and the mapper.
     ldfs = [pq.read_table(p) for p in sorted((out / "ldfs").glob("*.parquet"))]
-    assert len(ldfs) == 8 and sum(t.num_rows for t in ldfs) == 384 * 3
+    assert len(ldfs) == 4 and sum(t.num_rows for t in ldfs) == 192 * 3
     assert (out / "ldfs/fit/mapper.safetensors").is_file()
 
     tars = {
@@ -103,7 +103,7 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
     }
     assert again == tars
     r = runner.invoke(app, ["status", str(DEMO), "--set", f"output={out}"])
-    assert r.exit_code == 0 and r.output.count("8/8") >= 4, r.output
+    assert r.exit_code == 0 and r.output.count("4/4") >= 4, r.output
 
     # `make demo` ends with the trainer: photo only in training, the other styles held out.
     r = runner.invoke(app, ["train", str(DEMO), "--set", f"output={out}"])
@@ -132,7 +132,7 @@ def test_demo_edsam_samples_keep_their_class_and_are_not_copies(demo_run: DemoRu
         [pq.read_table(p) for p in sorted((out / "features").glob("*.parquet"))]
     )
     r = from_table(table)
-    assert r.classes == 6 and r.real == 384 and r.edsam == 768
+    assert r.classes == 6 and r.real == 192 and r.edsam == 384
     assert r.edsam_accuracy >= 0.5, r
     assert r.edsam_to_source < 0.9, r  # a copy would be 1.0
 
@@ -183,8 +183,8 @@ def test_demo_on_ray_gives_the_same_bytes_as_local(
         if p.is_file()
     }
     assert on_ray == local
-    assert len([n for n in on_ray if n.endswith(".tar")]) == 16
-    assert len([n for n in on_ray if n.endswith(".parquet") and n.startswith("features/")]) == 8
+    assert len([n for n in on_ray if n.endswith(".tar")]) == 8
+    assert len([n for n in on_ray if n.endswith(".parquet") and n.startswith("features/")]) == 4
 
 
 def _put_back(kept: Path, out: Path) -> None:
