@@ -117,9 +117,46 @@ def alphas(samples: list[dict[str, Any]]) -> list[float]:
     return out
 
 
+def _side(sample: dict[str, Any]) -> tuple[int, int]:
+    return Image.open(io.BytesIO(sample["jpg"])).size
+
+
+def test_samples_are_written_at_the_sources_size_unless_output_size_says(
+    tmp_path: Path, shard: Path
+) -> None:
+    # Sources are 32x24 (short side 24); generation runs at image_size 16.
+    result, samples = run_stage(tmp_path, shard, "default")
+    assert {_side(s) for s in samples} == {(24, 24)}
+    info = result.info
+    assert info["bytes_per_sample"] == pytest.approx(
+        sum(len(s["jpg"]) for s in samples) / len(samples), abs=0.1
+    )
+    src = read(shard)
+    assert info["source_bytes_per_image"] == pytest.approx(
+        sum(len(s["jpg"]) for s in src) / len(src), abs=0.1
+    )
+    result, small = run_stage(tmp_path, shard, "small", output_size=16, jpeg_quality=50)
+    assert {_side(s) for s in small} == {(16, 16)}
+    assert result.info["bytes_per_sample"] < info["bytes_per_sample"]
+
+
+def test_sources_upscaled_beyond_1_25x_are_counted_and_warned_once(
+    tmp_path: Path, shard: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Short side 24 to image_size 32: 1.33x, beyond the 1.25x a picture survives unblurred.
+    with caplog.at_level("WARNING"):
+        result, _ = run_stage(tmp_path, shard, "up", image_size=32)
+    assert result.counts["upscaled_sources"] == 3
+    warned = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(warned) == 1 and "stages.download.image_size >= 26" in warned[0]
+    result, _ = run_stage(tmp_path, shard, "ok", image_size=24)
+    assert result.counts["upscaled_sources"] == 0
+
+
 def test_outputs_keys_captions_and_records(tmp_path: Path, shard: Path) -> None:
     result, samples = run_stage(tmp_path, shard, "a", samples_per_image=3)
-    assert result.samples == 9 and result.counts == {"sources": 3, "skipped_sources": 0}
+    assert result.samples == 9
+    assert result.counts == {"sources": 3, "skipped_sources": 0, "upscaled_sources": 0}
     assert [s["__key__"] for s in samples] == [
         f"00000{i:05d}_{j}" for i in range(3) for j in range(3)
     ]
@@ -132,7 +169,7 @@ def test_outputs_keys_captions_and_records(tmp_path: Path, shard: Path) -> None:
         assert meta["domain"] == "photo" and meta["tiny_random"] is True
         assert meta["objective"] == "random" and meta["start_step"] == 354
         assert meta["reference_clip"] is None and abs(meta["alpha"]) <= 0.5
-        assert Image.open(io.BytesIO(s["jpg"])).size == (16, 16)
+        assert Image.open(io.BytesIO(s["jpg"])).size == (24, 24)  # the source's short side
     assert len({s["jpg"] for s in samples}) == 9, "each sample has its own draws"
 
 
@@ -225,7 +262,7 @@ def test_bad_sources_are_skipped_and_counted(tmp_path: Path) -> None:
     write_shard(bad, 0, 4, garbage=(1,), no_caption=(3,))
     result, samples = run_stage(tmp_path, bad, "skips")
     assert result.failures == {"undecodable_image": 1, "missing_caption": 1}
-    assert result.counts == {"sources": 2, "skipped_sources": 2}
+    assert result.counts == {"sources": 2, "skipped_sources": 2, "upscaled_sources": 0}
     assert result.samples == 4
     assert sorted({json.loads(s["json"])["source_key"] for s in samples}) == [
         "0000000000",

@@ -83,6 +83,13 @@ class EdsamConfig(BaseModel):
         "negatives in the worst objective's contrastive loss.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Samples per UNet / VAE batch.")
+    output_size: int | None = Field(
+        None,
+        ge=16,
+        le=4096,
+        description="Side of the written images, resized from image_size after decoding. "
+        "null: each source image's short side, i.e. the size the real shards (and CLIP) use.",
+    )
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the written images.")
 
     # Fields that cannot change a written byte: left out of the fingerprint, so they can be changed

@@ -26,11 +26,14 @@ class SourceSample:
     caption: bytes = b""  # the txt member, unchanged
     meta: dict[str, Any] = field(default_factory=dict)
     pixels: torch.Tensor | None = None  # [3, S, S] float32 in [-1, 1]
+    side: int = 0  # the source image's short side before any resize
+    image_bytes: int = 0  # its encoded size in the shard
     skip: str | None = None
 
 
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode, resize the short side to `size` (bicubic), center-crop: [3, size, size] in [−1, 1].
+def load_image(data: bytes, size: int) -> tuple[torch.Tensor, int]:
+    """Decode, resize the short side to `size` (bicubic), center-crop: [3, size, size] in [−1, 1],
+    and the decoded image's own short side.
 
     Decoded by open_rgb: 16-bit and alpha images as the download stage makes them; a decompression
     bomb or a sliver (whose resized long side would be huge) raises BadImage before any pixel.
@@ -39,7 +42,8 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
 
     with open_rgb(data, MAX_ASPECT_RATIO) as im:
         w, h = im.size
-        scale = size / min(w, h)
+        side = min(w, h)
+        scale = size / side
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
             im = im.resize((nw, nh), Image.Resampling.BICUBIC)
@@ -47,7 +51,7 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
         im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im, dtype=np.uint8)
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    return x / 127.5 - 1.0, side
 
 
 def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSample:
@@ -68,7 +72,8 @@ def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSa
         s.skip = "missing_caption"
     else:
         try:
-            s.pixels = load_image(image, size)
+            s.pixels, s.side = load_image(image, size)
+            s.image_bytes = len(image)
         except Exception as e:  # PIL raises many types for bad bytes; any of them means "skip"
             s.skip = skip_reason(e)
     return s
@@ -89,12 +94,16 @@ def decoded_chunks(url: str, size: int, chunk: int) -> Iterator[list[SourceSampl
         yield out
 
 
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    """uint8 [H, W, 3] -> JPEG bytes (Pillow's encoder: deterministic for the same libjpeg)."""
+def encode_jpeg(image: np.ndarray, quality: int, side: int | None = None) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes, resized to side x side first when `side` differs (Lanczos:
+    the usual downscale from generation size). Pillow's encoder is deterministic for one libjpeg."""
     from PIL import Image
 
+    im = Image.fromarray(image)
+    if side is not None and im.size != (side, side):
+        im = im.resize((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -15,6 +15,14 @@ from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, Stage
 from dgaug.stages.edsam.config import EdsamConfig
 from dgaug.stages.edsam.io import decoded_chunks, encode_jpeg, sample_json
 
+# A source whose short side is upscaled more than this to the generation size is counted and
+# warned about: beyond it the LDM encodes a visibly blurred picture.
+MAX_UPSCALE = 1.25
+
+
+def _mean(total: int, n: int) -> float | None:
+    return round(total / n, 1) if n else None
+
 
 class EdsamStage(ModelStage):
     name = "edsam"
@@ -80,7 +88,7 @@ class EdsamStage(ModelStage):
         sampler = self._sampler
         sampler.seconds = {}
         failures: Counter[str] = Counter()
-        stats = {"sources": 0, "samples": 0}
+        stats = {"sources": 0, "samples": 0, "sample_bytes": 0, "source_bytes": 0, "upscaled": 0}
         started = time.perf_counter()
         out = os.path.join(task.tmp_dir, task.outputs[0])
         with (
@@ -106,10 +114,19 @@ class EdsamStage(ModelStage):
             "tiny_random": sampler.tiny,
             "seconds": {k: round(v, 3) for k, v in sorted(sampler.seconds.items())},
             "samples_per_s": round(stats["samples"] / seconds, 3) if seconds > 0 else None,
+            # What a sample costs on disk against its source: the output's size budget.
+            "bytes_per_sample": _mean(stats["sample_bytes"], stats["samples"]),
+            "source_bytes_per_image": _mean(stats["source_bytes"], stats["sources"]),
         }
+        if stats["upscaled"]:
+            self._warn_upscale_once(stats["upscaled"], task.shard_id)
         return ShardResult(
             samples=stats["samples"],
-            counts={"sources": stats["sources"], "skipped_sources": sum(failures.values())},
+            counts={
+                "sources": stats["sources"],
+                "skipped_sources": sum(failures.values()),
+                "upscaled_sources": stats["upscaled"],
+            },
             failures=dict(sorted(failures.items())),
             info=info,
         )
@@ -142,11 +159,14 @@ class EdsamStage(ModelStage):
                 for g in gen:
                     src = used[g.source_index]
                     rec = {**g.record, **src.meta}
-                    fut = pool.submit(encode_jpeg, g.image, cfg.jpeg_quality)
+                    side = cfg.output_size or src.side
+                    fut = pool.submit(encode_jpeg, g.image, cfg.jpeg_quality, side)
                     key = f"{src.key}_{g.j:0{width}d}"
                     batch.append((key, fut, src.caption, sample_json(rec)))
                 pending.append(batch)
                 stats["sources"] += len(used)
+                stats["source_bytes"] += sum(s.image_bytes for s in used)
+                stats["upscaled"] += sum(s.side * MAX_UPSCALE < cfg.image_size for s in used)
             while len(pending) > 1:
                 for item in self._finish(pending.popleft(), stats):
                     last = self._check_order(last, item[0])
@@ -159,8 +179,26 @@ class EdsamStage(ModelStage):
     @staticmethod
     def _finish(batch, stats: dict[str, int]) -> Iterator[tuple[str, dict[str, bytes]]]:
         for key, fut, txt, meta in batch:
+            jpg = fut.result()
             stats["samples"] += 1
-            yield key, {"jpg": fut.result(), "txt": txt, "json": meta}
+            stats["sample_bytes"] += len(jpg)
+            yield key, {"jpg": jpg, "txt": txt, "json": meta}
+
+    def _warn_upscale_once(self, n: int, shard_id: int) -> None:
+        # Once per worker: every shard of a low-resolution download would say the same.
+        if getattr(self, "_upscale_warned", False):
+            return
+        self._upscale_warned = True
+        self.log.warning(
+            "edsam shard %05d: %d source image(s) are upscaled more than %.2fx to the LDM's "
+            "%d px (counted as upscaled_sources in each marker): the LDM sees blurred pictures. "
+            "Download at stages.download.image_size >= %d, or lower stages.edsam.image_size",
+            shard_id,
+            n,
+            MAX_UPSCALE,
+            self.config.image_size,
+            round(self.config.image_size / MAX_UPSCALE),
+        )
 
     @staticmethod
     def _check_order(last: str, key: str) -> str:
