@@ -352,3 +352,36 @@ def test_resources_default_to_one_worker_per_gpu_and_merge_with_the_manifest(
     r = EdsamStage(validate(d)).resources()
     # The manifest's count wins; the fields it does not write keep the stage's defaults.
     assert (r.workers, r.num_gpus, r.num_cpus) == (3, 1, 4)
+
+
+def _letterboxed_by_img2dataset(width: int, height: int, size: int) -> tuple[bytes, dict]:
+    """A red width x height picture through img2dataset's own Resizer in `border` mode."""
+    from img2dataset.resizer import Resizer
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="JPEG", quality=95)
+    img, w, h, ow, oh, err = Resizer(size, "border", False)(io.BytesIO(buf.getvalue()))
+    assert err is None and (w, h) == (size, size) and (ow, oh) == (width, height)
+    return img, {"original_width": ow, "original_height": oh, "width": w, "height": h}
+
+
+@pytest.mark.parametrize(("width", "height"), [(96, 32), (32, 96), (70, 64)])
+def test_a_letterboxed_source_is_cut_back_to_its_picture(width: int, height: int) -> None:
+    from dgaug.stages.edsam.io import to_source_sample
+
+    jpg, meta = _letterboxed_by_img2dataset(width, height, 64)
+    members = {"jpg": jpg, "txt": b"a red bar", "json": json.dumps(meta).encode()}
+    cut = to_source_sample("k", members, 32, letterboxed=True).pixels
+    whole = to_source_sample("k", members, 32, letterboxed=False).pixels
+    white = lambda x: (x > 0.9).all(dim=0)  # noqa: E731 - every channel near 255
+    assert not white(cut).any(), "no band of the white padding reaches the LDM"
+    if max(width, height) / min(width, height) >= 2:
+        assert white(whole).float().mean() > 0.2  # center crop alone keeps the bands
+
+
+def test_the_fingerprint_says_how_sources_are_cut(tmp_path: Path) -> None:
+    m = validate(tiny_manifest_dict(tmp_path / "o", stages={"edsam": dict(TINY)}))
+    assert EdsamStage(m).fingerprint_config()["source_cut"] == "picture"  # download default: border
+    d = tiny_manifest_dict(tmp_path / "o", stages={"edsam": dict(TINY)})
+    d["stages"]["download"] = {**d["stages"].get("download", {}), "resize_mode": "center_crop"}
+    assert EdsamStage(validate(d)).fingerprint_config()["source_cut"] == "whole"

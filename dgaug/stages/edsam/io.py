@@ -31,9 +31,32 @@ class SourceSample:
     skip: str | None = None
 
 
-def load_image(data: bytes, size: int) -> tuple[torch.Tensor, int]:
-    """Decode, resize the short side to `size` (bicubic), center-crop: [3, size, size] in [−1, 1],
-    and the decoded image's own short side.
+def content_box(
+    width: int, height: int, original: tuple[int, int] | None
+) -> tuple[int, int, int, int] | None:
+    """Where the picture is in an image img2dataset letterboxed with resize_mode `border`: the
+    original (w, h) scaled to fit the square and centred (LongestMaxSize, then PadIfNeeded).
+    None when there are no bands to remove (a square original, or sizes that do not fit)."""
+    if original is None or width != height:
+        return None
+    ow, oh = original
+    if ow <= 0 or oh <= 0 or ow == oh:
+        return None
+    scale = width / max(ow, oh)
+    cw, ch = max(1, round(ow * scale)), max(1, round(oh * scale))
+    left, top = (width - cw) // 2, (height - ch) // 2
+    # One pixel in from a padded edge: a rounding difference must not leave a white line.
+    inset_x, inset_y = (1, 0) if cw < width else (0, 1)
+    box = (left + inset_x, top + inset_y, left + cw - inset_x, top + ch - inset_y)
+    return box if box[2] > box[0] and box[3] > box[1] else None
+
+
+def load_image(
+    data: bytes, size: int, original: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, int]:
+    """Decode, cut a letterboxed image back to its picture (`original`: the (w, h) before
+    img2dataset's `border` resize; None: no bands), resize the short side to `size` (bicubic),
+    center-crop: [3, size, size] in [−1, 1], and the picture's own short side.
 
     Decoded by open_rgb: 16-bit and alpha images as the download stage makes them; a decompression
     bomb or a sliver (whose resized long side would be huge) raises BadImage before any pixel.
@@ -41,6 +64,9 @@ def load_image(data: bytes, size: int) -> tuple[torch.Tensor, int]:
     from PIL import Image
 
     with open_rgb(data, MAX_ASPECT_RATIO) as im:
+        box = content_box(*im.size, original)
+        if box is not None:
+            im = im.crop(box)
         w, h = im.size
         side = min(w, h)
         scale = size / side
@@ -54,10 +80,21 @@ def load_image(data: bytes, size: int) -> tuple[torch.Tensor, int]:
     return x / 127.5 - 1.0, side
 
 
-def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSample:
-    """Decode one sample; a missing or broken part marks it skipped with a countable reason."""
+def _original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    w, h = meta.get("original_width"), meta.get("original_height")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (w, h))
+    return (w, h) if ok else None
+
+
+def to_source_sample(
+    key: str, members: dict[str, bytes], size: int, letterboxed: bool = False
+) -> SourceSample:
+    """Decode one sample; a missing or broken part marks it skipped with a countable reason.
+    `letterboxed`: the shard was resized with img2dataset's `border` mode, so the json's
+    original_width/height say where the picture is."""
     s = SourceSample(key)
     s.caption = members.get("txt", b"")
+    original = None
     if "json" in members:
         try:
             meta = json.loads(members["json"])
@@ -65,6 +102,7 @@ def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSa
             meta = {}
         if isinstance(meta, dict):
             s.meta = {k: meta[k] for k in COPIED_FIELDS if k in meta}
+            original = _original_size(meta) if letterboxed else None
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
         s.skip = "missing_image"
@@ -72,19 +110,21 @@ def to_source_sample(key: str, members: dict[str, bytes], size: int) -> SourceSa
         s.skip = "missing_caption"
     else:
         try:
-            s.pixels, s.side = load_image(image, size)
+            s.pixels, s.side = load_image(image, size, original)
             s.image_bytes = len(image)
         except Exception as e:  # PIL raises many types for bad bytes; any of them means "skip"
             s.skip = skip_reason(e)
     return s
 
 
-def decoded_chunks(url: str, size: int, chunk: int) -> Iterator[list[SourceSample]]:
+def decoded_chunks(
+    url: str, size: int, chunk: int, letterboxed: bool = False
+) -> Iterator[list[SourceSample]]:
     """The shard's samples, decoded, in lists holding `chunk` usable ones (skipped ones ride along)."""
     out: list[SourceSample] = []
     usable = 0
     for key, members in read_tar_samples(url):
-        s = to_source_sample(key, members, size)
+        s = to_source_sample(key, members, size, letterboxed)
         out.append(s)
         usable += s.skip is None
         if usable == chunk:

@@ -34,9 +34,21 @@ class EdsamStage(ModelStage):
     def config(self) -> EdsamConfig:
         return self.manifest.stages.edsam
 
+    @property
+    def letterboxed(self) -> bool:
+        """Whether the real shards hold img2dataset `border` images (bands around the picture),
+        which the stage cuts back to the picture before the LDM sees them."""
+        m = self.manifest
+        return type(m.source).fetched and m.stages.download.resize_mode == "border"
+
     def fingerprint_config(self) -> dict[str, Any]:
-        """The manifest seed (every sample's seed derives from it) and the effective config."""
-        return {"seed": self.manifest.seed, "edsam": self.config.effective()}
+        """The manifest seed (every sample's seed derives from it), the effective config, and
+        how source images are cut (the picture of a letterboxed image, or the whole image)."""
+        return {
+            "seed": self.manifest.seed,
+            "edsam": self.config.effective(),
+            "source_cut": "picture" if self.letterboxed else "whole",
+        }
 
     # -- plan
     def plan(self, ctx: StageContext) -> Plan:
@@ -145,7 +157,7 @@ class EdsamStage(ModelStage):
         width = len(str(cfg.samples_per_image - 1))  # "_9" < "_10" as strings would not hold
         pending: deque[list[tuple[str, Future[bytes], bytes, bytes]]] = deque()
         last = ""
-        chunks = decoded_chunks(url, cfg.image_size, cfg.source_batch)
+        chunks = decoded_chunks(url, cfg.image_size, cfg.source_batch, self.letterboxed)
         for chunk in prefetch(chunks, depth=1):
             used = [s for s in chunk if s.skip is None]
             failures.update(s.skip for s in chunk if s.skip is not None)
