@@ -39,6 +39,9 @@ def ray_session():
         include_dashboard=False,
         ignore_reinit_error=True,
         log_to_driver=False,
+        # Torch's OpenMP threads spin while they wait; with several actors on 2 cores each
+        # spinning pool stalls the others (the toy-model demo on Ray ran 10x slower than local).
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
     )
     return ray
 

@@ -50,7 +50,7 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
     assert r.exit_code == 0, r.output
     assert f"{out}/real/" in r.output, "the demo says where its shards are"
     assert f"{out}/edsam/" in r.output
-    mix = f"'{out}/mix/real-{{00000..00007}}.tar::{out}/mix/edsam-{{00000..00007}}.tar'"
+    mix = f"'{out}/mix/real-{{00000..00003}}.tar::{out}/mix/edsam-{{00000..00003}}.tar'"
     assert f"--train-data {mix}" in r.output, "the demo says how open_clip reads every shard"
 
     sizes = json.loads((out / "real/sizes.json").read_text())

@@ -288,7 +288,7 @@ def test_pipeline_shards_resume_and_rerun_byte_identical(tmp_path: Path) -> None
     assert (ed.done, ed.samples, ed.failures) == (2, 12, {"undecodable_image": 1})
     marker = json.loads((out / "edsam/_state/00000.json").read_text())
     assert marker["failures"] == {"undecodable_image": 1}
-    assert marker["counts"] == {"sources": 3, "skipped_sources": 1}
+    assert marker["counts"] == {"sources": 3, "skipped_sources": 1, "upscaled_sources": 0}
     assert json.loads((out / "edsam/sizes.json").read_text()) == {"00000.tar": 6, "00001.tar": 6}
 
     urls = [str(out / "edsam" / f"{i:05d}.tar") for i in range(2)]

@@ -171,7 +171,7 @@ def test_page_renders_in_chromium_with_every_image_and_table_filled(
 ) -> None:
     facts = _render(browser, report)
     assert facts["title"] == "dgaug report: report-test"
-    assert facts["sections"] == ["augmentations", "features", "run", "training"]
+    assert facts["sections"] == ["augmentations", "features", "retention", "run", "training"]
     # 4 sources with their 2 samples each; projection, throughput and loss figures.
     assert facts["images"] == 4 * 3 + 3
     heads = [t["head"] for t in facts["tables"]]
