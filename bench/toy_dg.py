@@ -122,28 +122,20 @@ def _train_cfg(mode: str, out: Path, seed: int, evals: Path, data: dict[str, Any
 
 
 def edsam_similarity(features_dir: Path) -> dict[str, float]:
-    """Mean cosine of each ED-SAM sample to its source image and to its caption (toy CLIP)."""
-    import numpy as np
+    """Mean cosine of each ED-SAM sample to its source image and to its caption (toy CLIP), as
+    the report's "class kept?" table measures them."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    to_source, to_caption = [], []
-    for f in sorted(features_dir.glob("*.parquet")):
-        t = pq.read_table(f).to_pydict()
-        img = np.asarray(t["image_embedding"], dtype=np.float32)
-        txt = np.asarray(t["text_embedding"], dtype=np.float32)
-        img /= np.linalg.norm(img, axis=1, keepdims=True)
-        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-        real = {
-            k: i for i, (k, o) in enumerate(zip(t["key"], t["origin"], strict=True)) if o == "real"
-        }
-        for i, (o, src) in enumerate(zip(t["origin"], t["source_key"], strict=True)):
-            if o == "edsam" and src in real:
-                to_source.append(float(img[i] @ img[real[src]]))
-                to_caption.append(float(img[i] @ txt[i]))
+    from dgaug.report.retention import from_table
+
+    r = from_table(
+        pa.concat_tables(pq.read_table(f) for f in sorted(features_dir.glob("*.parquet")))
+    )
     return {
-        "cos_to_source": statistics.fmean(to_source),
-        "cos_to_caption": statistics.fmean(to_caption),
-        "samples": len(to_source),
+        "cos_to_source": r.edsam_to_source,
+        "cos_to_caption": r.edsam_to_caption,
+        "samples": r.edsam,
     }
 
 

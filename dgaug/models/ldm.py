@@ -355,11 +355,11 @@ SMALL_UNET_BYTES = 100 * 2**20
 
 
 def _unet_bytes(folder: Path) -> int:
+    """The UNet weights' size in a local diffusers folder; 0 when there are none to measure."""
     unet = folder / "unet"
     if not unet.is_dir():
-        return SMALL_UNET_BYTES + 1  # unknown layout: treat as full size
-    size = sum(p.stat().st_size for p in unet.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return size or SMALL_UNET_BYTES + 1  # no weights to measure: treat as full size
+        return 0
+    return sum(p.stat().st_size for p in unet.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 def load_ldm(
@@ -384,7 +384,8 @@ def load_ldm(
     local = toy_path(spec) if toy else _local_folder(spec)
     # A model of a few MB (the toy LDM, or another small folder) runs in seconds per shard on a
     # CPU, as the demo does; a full-size one would take hours.
-    small = toy or (local is not None and _unet_bytes(local) <= SMALL_UNET_BYTES)
+    # No weights to measure (an unknown layout) counts as full size.
+    small = toy or (local is not None and 0 < _unet_bytes(local) <= SMALL_UNET_BYTES)
     if dev.type == "cpu" and not allow_large_on_cpu and not small:
         raise ModelError(
             f"{spec} is a full-size model; on CPU it would take hours per shard. "

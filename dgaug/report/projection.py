@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from dgaug.core.parquet import embedding_matrix
 from dgaug.report.collect import RunView
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,7 @@ def _take(table: Any, column: str, cap: int, rng: random.Random) -> tuple[Any, n
     rows = sorted(rng.sample(range(table.num_rows), cap)) if table.num_rows > cap else None
     if rows is not None:
         table = table.take(rows)
-    arr = table[column].combine_chunks()
-    dim = arr.type.list_size
-    emb = arr.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return table, emb
+    return table, embedding_matrix(table[column])
 
 
 def _gather(

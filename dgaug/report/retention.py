@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from dgaug.core.parquet import embedding_matrix
 from dgaug.report.collect import RunView
-
-log = logging.getLogger(__name__)
+from dgaug.report.projection import _read_table
 
 # Rows read at most (in shard order, whole files): bounded memory and time at any scale, and
 # far more than a class centroid in a 64-to-1024-dimensional space needs.
@@ -44,15 +43,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _embeddings(table: Any, column: str) -> np.ndarray:
-    arr = table[column].combine_chunks()
-    flat = arr.values.to_numpy(zero_copy_only=False).astype(np.float32)
-    return _unit(flat.reshape(-1, arr.type.list_size))
-
-
 def _read(view: RunView, max_rows: int) -> tuple[list[Any], tuple[int, int], list[str]]:
-    import pyarrow.parquet as pq
-
     folder = view.output_dir("features")
     shards = sorted(view.committed("features"))
     tables, rows, problems = [], 0, []
@@ -61,8 +52,7 @@ def _read(view: RunView, max_rows: int) -> tuple[list[Any], tuple[int, int], lis
     for shard in shards:
         rel = f"{folder}/{shard:05d}.parquet"
         try:
-            with view.storage.fs.open(view.storage.path(rel), "rb") as f:
-                table = pq.ParquetFile(f).read(columns=_COLUMNS)
+            table = _read_table(view, rel, _COLUMNS)
         except Exception as e:  # one unreadable file is a note on the page, not a failed report
             problems.append(f"{rel}: cannot read ({type(e).__name__}: {e})")
             continue
@@ -102,8 +92,8 @@ def from_table(table: Any, seed: int = 0) -> Retention:
     r = Retention()
     origin = np.asarray(table["origin"].to_pylist(), dtype=object)
     label = np.asarray([str(v) for v in table["label"].to_pylist()], dtype=object)
-    img = _embeddings(table, "image_embedding")
-    txt = _embeddings(table, "text_embedding")
+    img = _unit(embedding_matrix(table["image_embedding"]))
+    txt = _unit(embedding_matrix(table["text_embedding"]))
     is_real, is_ed = origin == "real", origin == "edsam"
     r.real, r.edsam = int(is_real.sum()), int(is_ed.sum())
     if not r.real:

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dgaug.core.errors import INVALID, DgaugError
+from dgaug.core.parquet import embedding_matrix
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what open_clip's loader takes as the image member
 
@@ -186,8 +186,7 @@ def _parquet_files(folder: str | Path) -> list[Path]:
 
 def _matrix(column) -> torch.Tensor:
     """A fixed-size-list column -> [rows, width] float32 (an empty column keeps its width)."""
-    flat = np.asarray(column.combine_chunks().flatten(), dtype=np.float32)
-    return torch.from_numpy(flat.reshape(len(column), column.type.list_size).copy())
+    return torch.from_numpy(embedding_matrix(column).copy())
 
 
 def read_features(

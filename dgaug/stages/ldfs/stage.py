@@ -266,6 +266,7 @@ def read_source_features(urls: Any) -> Any:
     import pyarrow.parquet as pq
     import torch
 
+    from dgaug.core.parquet import embedding_matrix
     from dgaug.stages.ldfs.data import SourceFeatures
 
     keys: list[str] = []
@@ -278,10 +279,7 @@ def read_source_features(urls: Any) -> Any:
         keys += t["key"].to_pylist()
         labels += t["label"].to_pylist()
         captions += t["caption"].to_pylist()
-        emb = t["image_embedding"].combine_chunks()
-        dim = emb.type.list_size
-        flat = emb.values.to_numpy(zero_copy_only=False).astype(np.float32)
-        chunks.append(flat.reshape(-1, dim))
+        chunks.append(embedding_matrix(t["image_embedding"]))
     feats = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.empty(0, 0)
     return SourceFeatures(
         keys=keys,
