@@ -106,6 +106,34 @@ def test_embeddings_are_open_clips_own(run) -> None:
     np.testing.assert_allclose(got_txt, want_txt, atol=2e-3)
 
 
+def test_score_columns_match_a_direct_computation(run) -> None:
+    """caption_score = cos(image, caption) for every row, source_similarity = cos(sample, its
+    source image) for ED-SAM rows, alpha = the sample json's alpha: recomputed here from open_clip
+    on the decoded images and captions, and from the edsam tars' json."""
+    from dgaug.models.clip import load_clip
+
+    out, _ = run
+    clip = load_clip("tiny-random", device="cpu")
+    t = pq.read_table(out / "features/00002.parquet").to_pylist()
+    real = _tar_samples(out / "real/00002.tar")
+    edsam = _tar_samples(out / "edsam/00002.tar")
+    members = {**real, **edsam}
+    images = [Image.open(io.BytesIO(members[r["key"]]["jpg"])).convert("RGB") for r in t]
+    img = clip.encode_pil(images).numpy()
+    txt = clip.encode_text([r["caption"] for r in t]).numpy()
+    row = {r["key"]: i for i, r in enumerate(t)}
+    for i, r in enumerate(t):
+        assert abs(r["caption_score"] - float(img[i] @ txt[i])) < 2e-3
+        if r["origin"] == "real":
+            assert r["source_similarity"] is None and r["alpha"] is None
+        else:
+            want = float(img[i] @ img[row[r["source_key"]]])
+            assert abs(r["source_similarity"] - want) < 2e-3
+            assert r["alpha"] == pytest.approx(json.loads(edsam[r["key"]]["json"])["alpha"])
+    # Samples differ from their sources, so the similarities are not all 1.
+    assert min(r["source_similarity"] for r in t if r["origin"] == "edsam") < 0.999
+
+
 def test_rerun_is_a_no_op_and_a_fresh_run_gives_the_same_bytes(run, tmp_path: Path) -> None:
     out, _ = run
     files = {p.name: p.read_bytes() for p in (out / "features").glob("*.parquet")}

@@ -148,6 +148,42 @@ def test_probe_mode_trains_on_real_plus_ldfs_rows(run_out: Path, tmp_path: Path)
 
 
 @pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
+def test_score_thresholds_leave_samples_out_of_training_not_of_the_files(run_out: Path) -> None:
+    """min_caption_score / max_source_similarity leave ED-SAM samples out, by the features files'
+    score columns; the shards and features files keep every sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dgaug.trainer.run import _train_set
+
+    table = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((run_out / "features").glob("*.parquet"))]
+    )
+    ed = table.filter(pa.compute.equal(table["origin"], "edsam")).to_pylist()
+    median_caption = sorted(r["caption_score"] for r in ed)[len(ed) // 2]
+    max_source = sorted(r["source_similarity"] for r in ed)[len(ed) // 4]
+    want = {
+        r["key"]
+        for r in ed
+        if r["caption_score"] >= median_caption and r["source_similarity"] <= max_source
+    }
+    assert 0 < len(want) < len(ed) // 2
+    data = {"min_caption_score": median_caption, "max_source_similarity": max_source}
+    cfg = _cfg(run_out, run_out / "unused", mode="probe", data={**data, "edsam_features": True})
+    phases: list[str] = []
+    got = _train_set(cfg, phases.append)
+    n_real = table.num_rows - len(ed)
+    assert len(got) == n_real + len(want) + 48 * 3  # + LDFS rows
+    assert {k for k in got.keys if "_" in k and "@" not in k} == want
+    assert f"{len(ed) - len(want)} of {len(ed)} ED-SAM samples left out" in phases[0]
+    assert pq.read_table(run_out / "features/00000.parquet").num_rows == 16 * 3  # untouched
+    # clip mode needs the features files to read the scores from.
+    no_features = _cfg(run_out, run_out / "unused", mode="clip", data=data)
+    no_features.data.features = None
+    assert any("min_caption_score" in p for p in no_features.missing_inputs())
+
+
+@pytest.mark.slow  # a whole pipeline run, a kill or a subprocess: e2e tier
 def test_coop_mode_learns_only_the_context(run_out: Path, tmp_path: Path) -> None:
     cfg = _cfg(run_out, tmp_path / "coop", mode="coop", epochs=10, lr=0.02, weight_decay=0.0)
     r = train(cfg)

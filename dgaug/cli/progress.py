@@ -135,7 +135,7 @@ def print_run_summary(summary: RunSummary) -> None:
                 soft_wrap=True,
             )
         if summary.mix:
-            from dgaug.pipeline.mix import train_data_pattern
+            from dgaug.pipeline.mix import balanced_mix_args, train_data_pattern
 
             order = [s.output_dir.rstrip("/").rsplit("/", 1)[-1] for s in summary.stages.values()]
             pattern = train_data_pattern(summary.output.rstrip("/"), list(summary.mix), order)
@@ -144,6 +144,20 @@ def print_run_summary(summary: RunSummary) -> None:
                 markup=False,
                 soft_wrap=True,
             )
+            dirs = {
+                name: s.output_dir.rstrip("/").rsplit("/", 1)[-1]
+                for name, s in summary.stages.items()
+            }
+            if "download" in dirs and "edsam" in dirs:
+                paired = balanced_mix_args(
+                    summary.output.rstrip("/"), summary.mix, dirs["download"], dirs["edsam"]
+                )
+                if paired:
+                    out.print(
+                        f"open_clip, the paper's mix (one ED-SAM sample per real one): {paired}",
+                        markup=False,
+                        soft_wrap=True,
+                    )
     else:
         out.print(
             "some shards failed: `dgaug status MANIFEST` shows why; run the same command "

@@ -108,3 +108,29 @@ def train_data_pattern(root: str, names: list[str], order: list[str]) -> str:
         else:
             parts += [f"{root}/{MIX_DIR}/{prefix}-{i}.tar" for i in ids]
     return "::".join(parts)
+
+
+def balanced_mix_args(root: str, sizes: dict[str, int], base: str, extra: str) -> str | None:
+    """open_clip arguments that draw one `extra` sample per `base` sample in expectation (the
+    paper's L(x_s, p_s) + L(x*, p_s) for base real/ and extra edsam/), over the mix/ view.
+
+    With --dataset-resampled open_clip picks each shard with probability proportional to its
+    group's factor; an edsam shard holds M times the samples of a real one, so the factor
+    base_samples / extra_samples makes the two equal in expectation. An epoch is then
+    2 x base_samples. None when either folder has no committed shard.
+    """
+    counts = {p: 0 for p in (base, extra)}
+    names: list[str] = []
+    for name, n in sizes.items():
+        prefix = name.rpartition("-")[0]
+        if prefix in counts:
+            counts[prefix] += int(n)
+            names.append(name)
+    if not counts[base] or not counts[extra]:
+        return None
+    pattern = train_data_pattern(root, names, [base, extra])
+    factor = f"{counts[base] / counts[extra]:.6g}"
+    return (
+        f"--train-data '{pattern}' --dataset-resampled "
+        f"--train-data-upsampling-factors '1::{factor}' --train-num-samples {2 * counts[base]}"
+    )

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"  # OUTPUT/report/ unless another destination is given
 INDEX = "index.html"
-FIXED_FIGURES = ("contact.png", "projection.png", "throughput.png")
+FIXED_FIGURES = ("contact.png", "projection.png", "throughput.png", "scores.png")
 
 __all__ = ["NothingToReport", "ReportResult", "build_report"]
 
@@ -70,6 +70,7 @@ def build_report(
         ("contact.png", lambda: fig.contact_png(sheet)),
         ("projection.png", lambda: fig.projection_png(points)),
         ("throughput.png", lambda: fig.throughput_png(view)),
+        ("scores.png", lambda: fig.scores_png(retention.scores)),
     ):
         png = make()
         if png is not None:

@@ -13,6 +13,7 @@ import numpy as np
 from dgaug.report.collect import RunView, Training
 from dgaug.report.contact import ContactSheet
 from dgaug.report.projection import Projection
+from dgaug.report.retention import SampleScores
 
 ORIGIN_COLORS = {"real": "#1f77b4", "edsam": "#ff7f0e", "ldfs": "#2ca02c"}
 ORIGIN_NAMES = {"real": "real", "edsam": "ED-SAM", "ldfs": "LDFS"}
@@ -205,6 +206,35 @@ def throughput_png(view: RunView) -> bytes | None:
         right.set_yscale("log")
         right.set_title("Each shard's throughput when committed")
         fig.legend(loc="outside right center", frameon=False)
+        return _png(fig)
+
+
+def scores_png(sc: SampleScores | None) -> bytes | None:
+    """Each ED-SAM sample's caption score and source similarity against its alpha; the real
+    images' median caption score as the reference line."""
+    if sc is None or not np.any(~np.isnan(sc.alpha)):
+        return None
+    with _figure(11.0, 3.4) as fig:
+        left, right = fig.subplots(1, 2, sharex=True)
+        color = ORIGIN_COLORS["edsam"]
+        left.scatter(sc.alpha, sc.caption_score, s=6, alpha=0.5, color=color, lw=0)
+        if len(sc.real_caption_score):
+            left.axhline(
+                float(np.median(sc.real_caption_score)),
+                color=ORIGIN_COLORS["real"],
+                ls="--",
+                lw=1,
+                label="real images (median)",
+            )
+            left.legend(frameon=False, loc="lower right")
+        left.set_ylabel("cos(sample, its caption)")
+        left.set_title("Caption score against alpha")
+        right.scatter(sc.alpha, sc.source_similarity, s=6, alpha=0.5, color=color, lw=0)
+        right.axhline(1.0, color="grey", ls=":", lw=1)
+        right.set_ylabel("cos(sample, its source image)")
+        right.set_title("Source similarity against alpha (1 = a copy)")
+        for ax in (left, right):
+            ax.set_xlabel("alpha (the transport shift)")
         return _png(fig)
 
 

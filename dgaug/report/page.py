@@ -133,7 +133,57 @@ def _num(v: float | None, digits: int = 3) -> str | None:
     return None if v is None or math.isnan(v) else f"{v:.{digits}f}"
 
 
-def retention_section(r: Retention) -> str:
+def scores_part(r: Retention, figures: dict[str, bytes]) -> str:
+    """Each ED-SAM sample's scores (the features files' caption_score and source_similarity
+    columns) against alpha: a figure and the medians per alpha bin."""
+    sc = r.scores
+    if sc is None or not len(sc.caption_score):
+        return ""
+    out = [
+        "<h3>Scores per sample, against alpha</h3>",
+        '<p class="note">Every ED-SAM row of the features files carries <code>caption_score'
+        "</code> (cos of the sample to its caption) and <code>source_similarity</code> (cos to "
+        "its source image). <code>train.data.min_caption_score</code>, <code>"
+        "max_source_similarity</code> and the manifest's <code>mix:</code> thresholds leave "
+        "samples out of training and of the open_clip view by these columns; no sample is "
+        "deleted.</p>",
+    ]
+    rows = [
+        (
+            f"{lo:+.2f} … {hi:+.2f}",
+            str(n),
+            _num(cap),
+            _num(src),
+        )
+        for lo, hi, n, cap, src in sc.by_alpha()
+    ]
+    if rows:
+        out.append(_figure(figures, "scores.png", "scores against alpha"))
+        out.append(
+            table(
+                ["alpha bin", "samples", "median caption score", "median source similarity"], rows
+            )
+        )
+    quart = [
+        ("ED-SAM caption score", *_quartiles(sc.caption_score)),
+        ("real caption score", *_quartiles(sc.real_caption_score)),
+        ("ED-SAM source similarity", *_quartiles(sc.source_similarity)),
+    ]
+    out.append(table(["score", "25 %", "median", "75 %"], quart))
+    return "".join(out)
+
+
+def _quartiles(x) -> tuple[str | None, ...]:
+    import numpy as np
+
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return (None, None, None)
+    return tuple(_num(float(v)) for v in np.percentile(x, [25, 50, 75]))
+
+
+def retention_section(r: Retention, figures: dict[str, bytes]) -> str:
     out = ['<section id="retention"><h2>Do ED-SAM samples keep their class?</h2>']
     if r.real_accuracy is None:
         out.append(empty("no real image features with 2 or more classes yet: nothing to measure"))
@@ -155,6 +205,7 @@ def retention_section(r: Retention) -> str:
             ("cos(real, another real of its class)", _num(r.real_to_same_class), None),
         ]
         out.append(table(["measure", "real", "ED-SAM"], rows))
+        out.append(scores_part(r, figures))
     out += [f'<p class="note">{esc(n)}</p>' for n in r.notes]
     return "".join(out) + "</section>"
 
@@ -399,7 +450,7 @@ def render_page(
         f'<p class="state">{esc(_state_line(view))}</p><nav>{nav}</nav></header>'
         + contact_section(sheet, figures, seed)
         + projection_section(projection, figures, seed)
-        + retention_section(retention)
+        + retention_section(retention, figures)
         + run_section(view, figures)
         + training_section(view.trainings, figures)
         + problems

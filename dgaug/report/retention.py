@@ -8,13 +8,54 @@ from typing import Any
 import numpy as np
 
 from dgaug.core.parquet import embedding_matrix
+from dgaug.core.scores import SCORE_COLUMNS, score_values
 from dgaug.report.collect import RunView
-from dgaug.report.projection import _read_table
 
 # Rows read at most (in shard order, whole files): bounded memory and time at any scale, and
 # far more than a class centroid in a 64-to-1024-dimensional space needs.
 MAX_ROWS = 50_000
 _COLUMNS = ["origin", "key", "source_key", "label", "image_embedding", "text_embedding"]
+ALPHA_BINS = 5  # the score table's rows: alpha cut into this many equal-width bins over [-rho, rho]
+
+
+@dataclass
+class SampleScores:
+    """Per ED-SAM sample: its alpha (NaN where the file has none) and its two scores (NaN where
+    its source was not embedded); and every real image's caption score, for scale."""
+
+    alpha: np.ndarray
+    caption_score: np.ndarray
+    source_similarity: np.ndarray
+    real_caption_score: np.ndarray
+
+    def by_alpha(self, bins: int = ALPHA_BINS) -> list[tuple[float, float, int, float, float]]:
+        """(bin low, bin high, samples, median caption score, median source similarity) per
+        alpha bin that holds samples."""
+        have = ~np.isnan(self.alpha)
+        if not have.any():
+            return []
+        a = self.alpha[have]
+        lo, hi = float(a.min()), float(a.max())
+        edges = np.linspace(lo, hi, bins + 1) if hi > lo else np.array([lo, hi])
+        which = np.clip(np.searchsorted(edges, a, side="right") - 1, 0, len(edges) - 2)
+        rows = []
+        for b in range(len(edges) - 1):
+            m = which == b
+            if m.any():
+                rows.append(
+                    (
+                        float(edges[b]),
+                        float(edges[b + 1]),
+                        int(m.sum()),
+                        float(np.nanmedian(self.caption_score[have][m])),
+                        _nanmedian(self.source_similarity[have][m]),
+                    )
+                )
+        return rows
+
+
+def _nanmedian(x: np.ndarray) -> float:
+    return float(np.nanmedian(x)) if np.any(~np.isnan(x)) else float("nan")
 
 
 @dataclass
@@ -31,6 +72,7 @@ class Retention:
     real_to_same_class: float | None = None  # mean cos(real, another real of its class): the scale
     edsam_to_caption: float | None = None  # mean cos(sample image, its caption's text embedding)
     real_to_caption: float | None = None
+    scores: SampleScores | None = None
     files_read: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
 
@@ -52,7 +94,7 @@ def _read(view: RunView, max_rows: int) -> tuple[list[Any], tuple[int, int], lis
     for shard in shards:
         rel = f"{folder}/{shard:05d}.parquet"
         try:
-            table = _read_table(view, rel, _COLUMNS)
+            table = _read_table(view, rel)
         except Exception as e:  # one unreadable file is a note on the page, not a failed report
             problems.append(f"{rel}: cannot read ({type(e).__name__}: {e})")
             continue
@@ -61,6 +103,41 @@ def _read(view: RunView, max_rows: int) -> tuple[list[Any], tuple[int, int], lis
         if rows >= max_rows:
             break
     return tables, (len(tables), len(shards)), problems
+
+
+def _read_table(view: RunView, rel: str) -> Any:
+    """The measured columns of one features file; the score columns where the file has them."""
+    import pyarrow.parquet as pq
+
+    with view.storage.fs.open(view.storage.path(rel), "rb") as f:
+        pf = pq.ParquetFile(f)
+        have = set(pf.schema_arrow.names)
+        return pf.read(columns=_COLUMNS + [c for c in SCORE_COLUMNS if c in have])
+
+
+def _column(table: Any, name: str) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    return np.asarray([np.nan if v is None else v for v in table[name].to_pylist()], np.float64)
+
+
+def _sample_scores(table: Any, img: np.ndarray, txt: np.ndarray, is_real, is_ed) -> SampleScores:
+    """The features stage's score columns; files written before them are scored here alike."""
+    caption, source = _column(table, "caption_score"), _column(table, "source_similarity")
+    if caption is None or source is None:
+        c, s = score_values(
+            table["key"].to_pylist(),
+            table["origin"].to_pylist(),
+            table["source_key"].to_pylist(),
+            img,
+            txt,
+        )
+        caption = np.asarray(c, np.float64)
+        source = np.asarray([np.nan if v is None else v for v in s], np.float64)
+    alpha = _column(table, "alpha")
+    if alpha is None:
+        alpha = np.full(len(caption), np.nan)
+    return SampleScores(alpha[is_ed], caption[is_ed], source[is_ed], caption[is_real])
 
 
 def _mean_same_class_cos(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> float:
@@ -98,6 +175,8 @@ def from_table(table: Any, seed: int = 0) -> Retention:
     r.real, r.edsam = int(is_real.sum()), int(is_ed.sum())
     if not r.real:
         return r
+    if r.edsam:
+        r.scores = _sample_scores(table, img, txt, is_real, is_ed)
     classes = sorted(set(label[is_real]))
     r.classes = len(classes)
     if r.classes < 2:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dgaug.core.scores import ScoreFilter
 from dgaug.core.templates import check_template
 
 
@@ -33,6 +34,24 @@ class TrainData(_Strict):
     edsam_features: bool = Field(
         False, description="probe/coop: also train on the ED-SAM rows of the features files."
     )
+    min_caption_score: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Leave out ED-SAM samples whose caption_score (cos to their caption, in the "
+        "features files) is below this; null: keep all. Reads train.data.features.",
+    )
+    max_source_similarity: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Leave out ED-SAM samples whose source_similarity (cos to their source "
+        "image) is above this (near copies); null: keep all. Reads train.data.features.",
+    )
+
+    @property
+    def score_filter(self) -> ScoreFilter:
+        return ScoreFilter(self.min_caption_score, self.max_source_similarity)
 
 
 class EvalConfig(_Strict):
@@ -135,6 +154,11 @@ class TrainConfig(_Strict):
         if self.mode == "clip":
             if self.data.real is None:
                 out.append("train.data.real: clip mode needs a folder of real shards")
+            if self.data.score_filter.active and self.data.features is None:
+                out.append(
+                    "train.data.features: min_caption_score / max_source_similarity read the "
+                    "ED-SAM samples' scores from the features files"
+                )
         elif self.data.features is None:
             out.append(f"train.data.features: {self.mode} mode needs a folder of features files")
         return out

@@ -12,6 +12,7 @@ import torch
 
 from dgaug.core.errors import INVALID, DgaugError
 from dgaug.core.parquet import embedding_matrix
+from dgaug.core.scores import ScoreFilter, read_score_table, table_scores
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what open_clip's loader takes as the image member
 
@@ -218,6 +219,21 @@ def read_features(
     out = FeatureSet.concat(parts) if any(len(p) for p in parts) else parts[0]
     out.model = model
     return out
+
+
+def edsam_left_out(folder: str | Path, flt: ScoreFilter) -> tuple[set[str], int]:
+    """(keys of the ED-SAM samples `flt` leaves out, ED-SAM samples scored) over the features
+    files of `folder`; nothing is left out when no threshold is set."""
+    if not flt.active:
+        return set(), 0
+    out: set[str] = set()
+    scored = 0
+    for path in _parquet_files(folder):
+        table = read_score_table(path)
+        scores = table_scores(table)
+        scored += len(scores)
+        out |= {k for k, (c, s) in scores.items() if not flt.keeps(c, s)}
+    return out, scored
 
 
 def read_synthetic(folder: str | Path, *, sources: set[str] | None = None) -> FeatureSet:

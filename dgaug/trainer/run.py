@@ -17,6 +17,7 @@ from dgaug.trainer.config import TrainConfig
 from dgaug.trainer.data import (
     DataError,
     FeatureSet,
+    edsam_left_out,
     filter_domains,
     index_shards,
     read_features,
@@ -128,6 +129,9 @@ def _train_clip(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     phase("indexing shards")
     real = filter_domains(index_shards(cfg.data.real), cfg.data.domains)
     edsam = index_shards(cfg.data.edsam) if cfg.data.edsam and cfg.edsam_ratio > 0 else []
+    if edsam:
+        left_out = _left_out(cfg, phase)
+        edsam = [p for p in edsam if p.key not in left_out]
     clip = _load(cfg, model)
     pairs = load_eval_set(cfg.eval)
     classnames = sorted({p.label for p in pairs if p.label is not None})
@@ -167,9 +171,23 @@ def _train_clip(cfg, model, fp, settings, on_step, phase) -> TrainResult:
 # ------------------------------------------------------------------------------ features modes
 
 
-def _train_set(cfg: TrainConfig) -> FeatureSet:
+def _left_out(cfg: TrainConfig, phase) -> set[str]:
+    """The ED-SAM samples the score thresholds leave out (never deleted: only not trained on)."""
+    flt = cfg.data.score_filter
+    if not flt.active:
+        return set()
+    left_out, scored = edsam_left_out(cfg.data.features, flt)
+    phase(f"{flt.describe()}: {len(left_out)} of {scored} ED-SAM samples left out")
+    return left_out
+
+
+def _train_set(cfg: TrainConfig, phase) -> FeatureSet:
     origins = ("real", "edsam") if cfg.data.edsam_features else ("real",)
     real = read_features(cfg.data.features, origins=origins, domains=cfg.data.domains)
+    if cfg.data.edsam_features:
+        left_out = _left_out(cfg, phase)
+        if left_out:
+            real = real.subset([i for i, k in enumerate(real.keys) if k not in left_out])
     if not cfg.data.ldfs:
         return real
     # Only what LDFS made from the training rows: another domain's real rows must not leak in.
@@ -192,7 +210,7 @@ def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     from dgaug.trainer.modes import ProbeTask
 
     phase("reading features")
-    train_set = _train_set(cfg)
+    train_set = _train_set(cfg, phase)
     classnames = _classes(train_set)
     task = ProbeTask(train_set, classnames, cfg.batch_size, cfg.seed)
     phase(f"training a linear probe on {len(task.y)} features")
@@ -218,7 +236,7 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     from dgaug.trainer.prompts import PromptLearner
 
     phase("reading features")
-    train_set = _train_set(cfg)
+    train_set = _train_set(cfg, phase)
     classnames = _classes(train_set)
     clip = _load(cfg, model)
     _check_dim(clip, train_set)

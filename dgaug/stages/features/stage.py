@@ -15,6 +15,7 @@ from dgaug.core.constants import IMAGE_EXTS, MAX_ASPECT_RATIO
 from dgaug.core.images import open_rgb, skip_reason
 from dgaug.core.parquet import embedding_column
 from dgaug.core.prefetch import prefetch
+from dgaug.core.scores import alpha_value, score_values
 from dgaug.core.tars import read_tar_samples
 from dgaug.pipeline.stage import ModelStage, Plan, ShardResult, ShardTask, StageContext
 from dgaug.stages.features.config import FeaturesConfig
@@ -30,6 +31,7 @@ class _Row:
     origin: str
     source_key: str
     sample_index: int | None
+    alpha: float | None
     caption: str
     label: str | None
     domain: str | None
@@ -197,6 +199,7 @@ class FeaturesStage(ModelStage):
             origin=origin,
             source_key=str(meta.get("source_key", key)),
             sample_index=meta.get("sample_index") if origin == "edsam" else None,
+            alpha=alpha_value(meta.get("alpha")) if origin == "edsam" else None,
             caption=caption,
             label=_opt_str(meta.get("label")),
             domain=_opt_str(meta.get("domain")),
@@ -225,7 +228,7 @@ class FeaturesStage(ModelStage):
 
 
 _STAGE_OF = {"real": "download", "edsam": "edsam"}
-_COLUMNS = ("key", "origin", "source_key", "sample_index", "caption", "label", "domain")
+_COLUMNS = ("key", "origin", "source_key", "sample_index", "caption", "label", "domain", "alpha")
 
 
 def _opt_str(v: Any) -> str | None:
@@ -233,13 +236,14 @@ def _opt_str(v: Any) -> str | None:
 
 
 def _values(r: _Row) -> tuple[Any, ...]:
-    return (r.key, r.origin, r.source_key, r.sample_index, r.caption, r.label, r.domain)
+    return (r.key, r.origin, r.source_key, r.sample_index, r.caption, r.label, r.domain, r.alpha)
 
 
 def _table(
     columns: dict[str, list[Any]], images: list[Any], text: Any, dtype: str, clip: Any
 ) -> Any:
-    """The Parquet table: metadata columns, then fixed-size embedding lists, model in metadata."""
+    """The Parquet table: metadata columns, the scores, then fixed-size embedding lists, model in
+    metadata. Scores come from the float32 embeddings, before any float16 rounding."""
     import pyarrow as pa
     import torch
 
@@ -256,6 +260,9 @@ def _table(
             ("caption", pa.string()),
             ("label", pa.string()),
             ("domain", pa.string()),
+            ("alpha", pa.float32()),
+            ("caption_score", pa.float32()),
+            ("source_similarity", pa.float32()),
             ("image_embedding", pa.list_(pa_type, dim)),
             ("text_embedding", pa.list_(pa_type, dim)),
         ],
@@ -268,5 +275,9 @@ def _table(
         },
     )
     arrays = [pa.array(columns[n], type=schema.field(n).type) for n in _COLUMNS]
+    caption, source = score_values(
+        columns["key"], columns["origin"], columns["source_key"], img.numpy(), text.numpy()
+    )
+    arrays += [pa.array(caption, pa.float32()), pa.array(source, pa.float32())]
     embeddings = [embedding_column(t.numpy(), dtype) for t in (img, text)]
     return pa.Table.from_arrays([*arrays, *embeddings], schema=schema)
