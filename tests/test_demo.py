@@ -52,6 +52,8 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
     assert f"{out}/edsam/" in r.output
     mix = f"'{out}/mix/real-{{00000..00003}}.tar::{out}/mix/edsam-{{00000..00003}}.tar'"
     assert f"--train-data {mix}" in r.output, "the demo says how open_clip reads every shard"
+    paper = "--dataset-resampled --train-data-upsampling-factors '1::0.5' --train-num-samples 384"
+    assert f"--train-data {mix} {paper}" in r.output, "and how it draws one ED-SAM per real pair"
 
     sizes = json.loads((out / "real/sizes.json").read_text())
     assert len(sizes) == 4 and sum(sizes.values()) == 192

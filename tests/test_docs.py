@@ -88,7 +88,18 @@ def test_readme_open_clip_command_trains_on_real_and_edsam_through_mix() -> None
     # open_clip's own parser: every flag exists and means what the README says.
     args = parse_args(argv[3:])
     assert args.dataset_type == "webdataset"
-    assert args.train_num_samples is None  # the count comes from mix/sizes.json
+    # The paper's 1:1 mix, as `dgaug run` prints it for the demo (192 real, 384 ED-SAM samples).
+    from dgaug.pipeline.mix import balanced_mix_args
+
+    sizes = {f"real-{i:05d}.tar": 48 for i in range(4)} | {
+        f"edsam-{i:05d}.tar": 96 for i in range(4)
+    }
+    printed = shlex.split(balanced_mix_args("demo-output", sizes, "real", "edsam"))
+    for i, flag in enumerate(printed):
+        if flag.startswith("--") and flag != "--dataset-resampled":
+            assert argv[argv.index(flag) + 1] == printed[i + 1], flag
+    assert args.dataset_resampled and args.train_num_samples == 384
+    assert args.train_data_upsampling_factors == "1::0.5"
     parts = args.train_data.split("::")
     assert len(parts) == 2 and all(p.startswith("demo-output/mix/") for p in parts)
     want = _demo_shards()

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dgaug.core.scores import ScoreFilter, alpha_value, kept_keys, score_values, table_scores
+from dgaug.core.scores import ScoreFilter, alpha_value, left_out_keys, score_values, table_scores
 from dgaug.report.retention import from_table
 
 
@@ -63,13 +63,14 @@ def test_thresholds_keep_and_count() -> None:
     t, _, _ = _table(with_scores=True)
     scores = table_scores(t)
     caption = sorted(c for c, _ in scores.values())
-    kept, dropped = kept_keys(t, ScoreFilter(min_caption_score=caption[1]))
-    assert len(kept) == 3 and dropped == 1
+    out, scored = left_out_keys(t, ScoreFilter(min_caption_score=caption[1]))
+    assert len(out) == 1 and scored == 4
+    assert scores[next(iter(out))][0] == caption[0]
     source = sorted(s for _, s in scores.values())
-    kept, dropped = kept_keys(t, ScoreFilter(max_source_similarity=source[0]))
-    assert len(kept) == 1 and dropped == 3
-    kept, dropped = kept_keys(t, ScoreFilter())
-    assert len(kept) == 4 and dropped == 0 and not ScoreFilter().active
+    out, _ = left_out_keys(t, ScoreFilter(max_source_similarity=source[0]))
+    assert len(out) == 3
+    out, _ = left_out_keys(t, ScoreFilter())
+    assert not out and not ScoreFilter().active
     both = ScoreFilter(min_caption_score=caption[1], max_source_similarity=source[0])
     assert both.describe() == (
         f"caption_score >= {caption[1]:g} and source_similarity <= {source[0]:g}"

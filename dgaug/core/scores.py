@@ -109,11 +109,10 @@ def table_scores(table: Any) -> dict[str, tuple[float | None, float | None]]:
     }
 
 
-def kept_keys(table: Any, flt: ScoreFilter) -> tuple[set[str], int]:
-    """(the ED-SAM keys of the table that `flt` keeps, how many it leaves out)."""
+def left_out_keys(table: Any, flt: ScoreFilter) -> tuple[set[str], int]:
+    """(the ED-SAM keys of the table that `flt` leaves out, ED-SAM rows scored)."""
     scores = table_scores(table)
-    kept = {k for k, (c, s) in scores.items() if flt.keeps(c, s)}
-    return kept, len(scores) - len(kept)
+    return {k for k, (c, s) in scores.items() if not flt.keeps(c, s)}, len(scores)
 
 
 SCORE_READ_COLUMNS = [

@@ -18,6 +18,7 @@ from dgaug.core.values import (
     url_secret,
     value_problems,
 )
+from dgaug.job.view import MixConfig
 from dgaug.pipeline.resources import ExecutorConfig, StageResources
 from dgaug.sources import (  # the source kinds' schemas, read from here with the rest
     ImageFolderSource,  # noqa: F401
@@ -67,6 +68,11 @@ class Manifest(_Strict):
     source: Source
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    mix: MixConfig | None = Field(
+        None,
+        description="Score thresholds for the ED-SAM samples in the mix/ open_clip view; "
+        "absent: every sample is linked.",
+    )
     train: TrainConfig | None = Field(
         None, description="`dgaug train MANIFEST`: the lightweight trainer; `dgaug run` ignores it."
     )
@@ -86,6 +92,21 @@ class Manifest(_Strict):
             raise ValueError(
                 f"executor.resources names unknown stage(s) {unknown}; known: {sorted(known)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _mix_needs_scores(self) -> Manifest:
+        if self.mix is not None and self.mix.score_filter.active:
+            runs = [
+                s
+                for s in ("edsam", "features")
+                if getattr(self.stages, s) is not None and getattr(self.stages, s).enabled
+            ]
+            if len(runs) < 2 or not self.stages.features.include_edsam:
+                raise ValueError(
+                    "mix thresholds read the ED-SAM samples' scores: the edsam stage and the "
+                    "features stage (with include_edsam) must run"
+                )
         return self
 
     def resources_for(self, stage: str, default: StageResources) -> StageResources:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
+from typing import Protocol
 
 from dgaug.core.atomic import temporary_name
 from dgaug.core.storage import Storage
@@ -16,6 +18,18 @@ log = logging.getLogger(__name__)
 # names: real/00000.tar is mix/real-00000.tar, edsam/00000.tar is mix/edsam-00000.tar.
 MIX_DIR = "mix"
 SIZES = "sizes.json"
+FILTERED = "filtered.json"  # what each filtered copy in mix/ was made from, and with which rule
+
+
+class ViewFilter(Protocol):
+    """Leaves samples of some stage folders out of the view (the shards keep them)."""
+
+    stage_dirs: frozenset[str]  # the folders it judges; others are linked whole
+    rule: str  # what it keeps, as a line for logs and filtered.json
+
+    def left_out(self, stage_dir: str, shard: str) -> set[str] | None:
+        """Keys of `stage_dir/shard` to leave out; None: the shard cannot be judged yet (its
+        scores are not committed), so the view leaves the whole shard out."""
 
 
 def mix_entries(tar_sizes: dict[str, dict[str, int]]) -> dict[str, tuple[str, int]]:
@@ -45,22 +59,60 @@ def _link(folder: str, name: str, target: str) -> None:
 
 
 def _remove_stale(folder: str, keep: set[str]) -> int:
-    """Remove links (and half-made temporaries) that name no committed shard; returns how many."""
+    """Remove links and filtered copies that name no shard of the view (and half-made
+    temporaries); returns how many."""
     removed = 0
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        stale_link = os.path.islink(path) and name not in keep
-        if stale_link or name.endswith(".tmp"):
+        stale = (os.path.islink(path) or name.endswith(".tar")) and name not in keep
+        if stale or name.endswith(".tmp"):
             os.unlink(path)
             removed += 1
     return removed
 
 
-def write_mix(storage: Storage, tar_sizes: dict[str, dict[str, int]]) -> dict[str, int] | None:
+def _filtered_copy(
+    storage: Storage, folder: str, name: str, target: str, drop: set[str], record: dict
+) -> int:
+    """Make `folder/name` a copy of `target` without the `drop` keys; returns its samples.
+
+    Copies, because open_clip cannot skip samples inside a tar; made once per source shard and
+    rule (`record` says what an existing copy was made from) and replaced atomically.
+    """
+    from dgaug.core.tars import read_tar_samples, write_deterministic_tar
+
+    path = os.path.join(folder, name)
+    source = os.path.normpath(os.path.join(folder, target))
+    st = os.stat(source)
+    made_from = {"source": target, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    old = record.get(name)
+    current = old and {k: old.get(k) for k in made_from} == made_from
+    if current and os.path.isfile(path) and not os.path.islink(path):
+        return int(old["samples"])
+    kept = [(k, m) for k, m in read_tar_samples(source) if k not in drop]
+    tmp = temporary_name(path)
+    try:
+        write_deterministic_tar(tmp, kept)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    record[name] = {**made_from, "samples": len(kept), "left_out": len(drop)}
+    return len(kept)
+
+
+def write_mix(
+    storage: Storage,
+    tar_sizes: dict[str, dict[str, int]],
+    view_filter: ViewFilter | None = None,
+) -> dict[str, int] | None:
     """Sync `mix/` with the committed shards in `tar_sizes`; returns mix/sizes.json's content.
 
     Idempotent: links already right are left alone, wrong ones replaced, stale ones removed.
-    None when there is nothing to link or the output is not a local folder.
+    With `view_filter`, shards of the folders it judges become filtered copies (samples it
+    leaves out are not in them; the shards themselves are untouched). None when there is
+    nothing to link or the output is not a local folder.
     """
     if not storage.is_local:
         # Object stores have no symlinks and copying the tars would double the data.
@@ -75,14 +127,51 @@ def write_mix(storage: Storage, tar_sizes: dict[str, dict[str, int]]) -> dict[st
             storage.remove(f"{MIX_DIR}/{SIZES}")
         return None
     os.makedirs(folder, exist_ok=True)
-    for name, (target, _) in sorted(entries.items()):
-        _link(folder, name, target)
-    # Links first, then sizes: every shard a reader can name in sizes.json is already linked.
-    sizes = {name: n for name, (_, n) in entries.items()}
+    record = _read_record(storage, view_filter)
+    sizes: dict[str, int] = {}
+    filtered: dict[str, dict] = {}
+    for name, (target, n) in sorted(entries.items()):
+        stage_dir = _stage_dir_of(tar_sizes, name)
+        if view_filter is None or stage_dir not in view_filter.stage_dirs:
+            _link(folder, name, target)
+            sizes[name] = n
+            continue
+        drop = view_filter.left_out(stage_dir, name.rpartition("-")[2])
+        if drop is None:
+            continue  # not judged yet: left out whole, a later run adds it
+        sizes[name] = _filtered_copy(storage, folder, name, target, drop, record)
+        filtered[name] = record[name]
+    # Files first, then sizes: every shard a reader can name in sizes.json is already there.
     storage.write_json(f"{MIX_DIR}/{SIZES}", sizes)
-    removed = _remove_stale(folder, set(entries))
-    log.info("%s/: %d shard link(s), %d stale removed", MIX_DIR, len(entries), removed)
+    if view_filter is not None:
+        storage.write_json(f"{MIX_DIR}/{FILTERED}", {"rule": view_filter.rule, "shards": filtered})
+    elif storage.exists(f"{MIX_DIR}/{FILTERED}"):
+        storage.remove(f"{MIX_DIR}/{FILTERED}")
+    removed = _remove_stale(folder, set(sizes) | {SIZES, FILTERED})
+    log.info(
+        "%s/: %d shard(s), %d filtered copies, %d stale removed",
+        MIX_DIR,
+        len(sizes),
+        len(filtered),
+        removed,
+    )
     return sizes
+
+
+def _stage_dir_of(tar_sizes: dict[str, dict[str, int]], name: str) -> str:
+    prefix = name.rpartition("-")[0]
+    return next(d for d in tar_sizes if posixpath.basename(d.rstrip("/")) == prefix)
+
+
+def _read_record(storage: Storage, view_filter: ViewFilter | None) -> dict:
+    """The filtered copies' record, if made by the same rule (another rule remakes them all)."""
+    if view_filter is None or not storage.exists(f"{MIX_DIR}/{FILTERED}"):
+        return {}
+    try:
+        old = json.loads(storage.read_text(f"{MIX_DIR}/{FILTERED}"))
+    except ValueError:
+        return {}
+    return dict(old.get("shards", {})) if old.get("rule") == view_filter.rule else {}
 
 
 def train_data_pattern(root: str, names: list[str], order: list[str]) -> str:

@@ -20,7 +20,7 @@ from dgaug.pipeline.ledger import (
     fingerprint_record,
 )
 from dgaug.pipeline.lock import RunLock
-from dgaug.pipeline.mix import write_mix
+from dgaug.pipeline.mix import ViewFilter, write_mix
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 
@@ -189,9 +189,10 @@ def run_graph(
     manifest_text: str,
     force: bool = False,
     listener: RunListener | None = None,
+    view_filter: ViewFilter | None = None,
 ) -> RunSummary:
     """Run (or resume) a stage graph into `storage`; `manifest_text` is kept beside the shards.
-    Raises LockHeld, FingerprintMismatch."""
+    `view_filter` leaves samples out of the mix/ view. Raises LockHeld, FingerprintMismatch."""
     listener = listener or RunListener()
     storage.check()
     started = time.time()
@@ -258,6 +259,6 @@ def run_graph(
             sizes = write_sizes(storage, p)
             if p.stage.shard_ext == ".tar":
                 tar_sizes[p.stage.output_dir] = sizes
-        summary.mix = write_mix(storage, tar_sizes)
+        summary.mix = write_mix(storage, tar_sizes, view_filter)
         summary.seconds = time.time() - started
         return summary

@@ -72,7 +72,7 @@ class Retention:
     real_to_same_class: float | None = None  # mean cos(real, another real of its class): the scale
     edsam_to_caption: float | None = None  # mean cos(sample image, its caption's text embedding)
     real_to_caption: float | None = None
-    scores: SampleScores | None = None
+    scores: SampleScores | None = field(default=None, repr=False)
     files_read: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
 

@@ -12,7 +12,7 @@ import torch
 
 from dgaug.core.errors import INVALID, DgaugError
 from dgaug.core.parquet import embedding_matrix
-from dgaug.core.scores import ScoreFilter, read_score_table, table_scores
+from dgaug.core.scores import ScoreFilter, left_out_keys, read_score_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what open_clip's loader takes as the image member
 
@@ -229,10 +229,9 @@ def edsam_left_out(folder: str | Path, flt: ScoreFilter) -> tuple[set[str], int]
     out: set[str] = set()
     scored = 0
     for path in _parquet_files(folder):
-        table = read_score_table(path)
-        scores = table_scores(table)
-        scored += len(scores)
-        out |= {k for k, (c, s) in scores.items() if not flt.keeps(c, s)}
+        left_out, n = left_out_keys(read_score_table(path), flt)
+        out |= left_out
+        scored += n
     return out, scored
 
 
