@@ -178,6 +178,7 @@ def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any])
     cfg = EdsamConfig(
         model=ldm.model_id,
         samples_per_image=args.samples,
+        start=args.start,
         steps=args.steps,
         guidance=args.guidance,
         image_size=args.image_size,
@@ -193,6 +194,35 @@ def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any])
         made += len(sampler.generate(to_pixels(part), caps, keys))
     sync(ldm.device)
     return made
+
+
+def bytes_per_sample(ldm: Any, args: argparse.Namespace, images: list[Any]) -> dict[str, Any]:
+    """The JPEG bytes of a sample as the stage writes it (output size, quality) beside those of
+    its source written the same way at its own size."""
+    from dgaug.stages.edsam.config import EdsamConfig
+    from dgaug.stages.edsam.io import encode_jpeg
+    from dgaug.stages.edsam.sampler import EdsamSampler
+
+    cfg = EdsamConfig(
+        model=ldm.model_id,
+        samples_per_image=args.samples,
+        start=args.start,
+        steps=args.steps,
+        guidance=args.guidance,
+        image_size=args.image_size,
+        batch_size=args.batch_sizes[0],
+    )
+    made = EdsamSampler(ldm, cfg, seed=0).generate(
+        to_pixels(images), CAPTIONS[: len(images)], [f"{k:010d}" for k in range(len(images))]
+    )
+    side = args.output_size or args.image_size
+    sample = [len(encode_jpeg(g.image, args.jpeg_quality, side)) for g in made]
+    source = [len(encode_jpeg(np.asarray(im.convert("RGB")), args.jpeg_quality)) for im in images]
+    return {
+        "side": side,
+        "bytes_per_sample": sum(sample) / len(sample),
+        "source_bytes_per_image": sum(source) / len(source),
+    }
 
 
 def img2img_pipeline(ldm: Any) -> Any:
@@ -305,6 +335,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per system; best is kept")
     p.add_argument("--baseline-images", type=int, help="images for the img2img loop (default all)")
     p.add_argument("--compile", action="store_true", help="also time dgaug with torch.compile")
+    p.add_argument(
+        "--output-size", type=int, help="side of the written samples (default: the image size)"
+    )
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument(
+        "--start",
+        default="latent",
+        choices=["latent", "inverted"],
+        help="latent (default here): the same work as diffusers' img2img, the comparison; "
+        "inverted (the stage's default) adds one unguided inversion pass per source image",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="JSON result (default bench/results/edsam-DEVICE.json)")
     args = p.parse_args(argv)
@@ -423,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in flops.items())
         + ref
     )
+    written = bytes_per_sample(ldm, args, images[:2])
+    print(
+        f"bytes per sample as written ({written['side']} px, q{args.jpeg_quality}): "
+        f"{written['bytes_per_sample']:.0f}; per source image at its size: "
+        f"{written['source_bytes_per_image']:.0f}"
+        + (" (random weights: noise, an upper bound)" if args.model != "toy" else "")
+    )
     out = args.out or RESULTS_DIR / f"edsam-{device.type}-{args.model}.json"
     write_json(
         out,
@@ -436,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "flop_bound_samples_per_s": bound,
             "work_per_source_image": work,
             "results": results,
+            "written": written,
         },
     )
     print(f"wrote {out}")

@@ -167,16 +167,18 @@ def test_outputs_keys_captions_and_records(tmp_path: Path, shard: Path) -> None:
         assert s["txt"] == src[meta["source_key"]]["txt"], "the caption is kept byte for byte"
         assert meta["label"] == json.loads(src[meta["source_key"]]["json"])["label"]
         assert meta["domain"] == "photo" and meta["tiny_random"] is True
-        assert meta["objective"] == "random" and meta["start_step"] == 354
+        assert meta["objective"] == "random" and meta["start"] == "inverted"
+        assert meta["start_step"] == 999  # the default reading: denoise from pure noise level
         assert meta["reference_clip"] is None and abs(meta["alpha"]) <= 0.5
         assert Image.open(io.BytesIO(s["jpg"])).size == (24, 24)  # the source's short side
     assert len({s["jpg"] for s in samples}) == 9, "each sample has its own draws"
 
 
-def test_rho_zero_equals_the_none_baseline(tmp_path: Path, shard: Path) -> None:
-    _, zero = run_stage(tmp_path, shard, "zero", rho=0.0)
-    _, none = run_stage(tmp_path, shard, "none", objective="none")
-    _, half = run_stage(tmp_path, shard, "half", rho=0.5)
+@pytest.mark.parametrize("start", ["inverted", "latent"])
+def test_rho_zero_equals_the_none_baseline(tmp_path: Path, shard: Path, start: str) -> None:
+    _, zero = run_stage(tmp_path, shard, "zero", rho=0.0, start=start)
+    _, none = run_stage(tmp_path, shard, "none", objective="none", start=start)
+    _, half = run_stage(tmp_path, shard, "half", rho=0.5, start=start)
     assert [s["jpg"] for s in zero] == [s["jpg"] for s in none]
     assert all(a == 0 for a in alphas(zero) + alphas(none))
     assert [s["jpg"] for s in half] != [s["jpg"] for s in none]

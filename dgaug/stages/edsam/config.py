@@ -48,9 +48,10 @@ class EdsamConfig(BaseModel):
     rho: float = Field(0.5, ge=0, le=10, description="Transport bound: alpha ~ U(-rho, rho).")
     samples_per_image: int = Field(10, ge=1, le=1000, description="M: samples per real image.")
     start: Literal["latent", "inverted"] = Field(
-        "latent",
-        description="z_s: the image latent (denoise from the step whose alpha-bar is 1/2) or its "
-        "DDIM inversion to the last step (denoise from pure noise level).",
+        "inverted",
+        description="z_s: the DDIM inversion of the image latent to the last step (denoise from "
+        "pure noise level; the transport's Gaussian reading, METHODS.md) or the image latent "
+        "itself (denoise from the step whose alpha-bar is 1/2: an img2img of strength ~0.35).",
     )
     alpha: Literal["scalar", "channel", "element"] = Field(
         "scalar", description="Shape of alpha: one number, one per latent channel, or per element."
