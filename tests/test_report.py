@@ -34,7 +34,14 @@ pytestmark = pytest.mark.slow  # whole runs rendered in headless Chromium: e2e t
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # What the report of the test run writes: the page, and the figures it embeds and keeps beside it.
-REPORT_FILES = ["contact.png", "index.html", "loss-probe.png", "projection.png", "throughput.png"]
+REPORT_FILES = [
+    "contact.png",
+    "index.html",
+    "loss-probe.png",
+    "projection.png",
+    "scores.png",
+    "throughput.png",
+]
 EVIL = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> & $x^2$'
 
 # Every image decoded, every table with filled body rows, and what else the checks need.
@@ -161,7 +168,7 @@ def test_report_writes_a_page_and_figures_beside_it(report: Path) -> None:
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert "<title>dgaug report: report-test</title>" in page
     # The figures are embedded too, but for the contact sheet's: its images are, one by one.
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
     assert page.count("data:image/jpeg;base64,") == 4 * 3
     assert "Complete: all" in page
 
@@ -172,12 +179,15 @@ def test_page_renders_in_chromium_with_every_image_and_table_filled(
     facts = _render(browser, report)
     assert facts["title"] == "dgaug report: report-test"
     assert facts["sections"] == ["augmentations", "features", "retention", "run", "training"]
-    # 4 sources with their 2 samples each; projection, throughput and loss figures.
-    assert facts["images"] == 4 * 3 + 3
+    # 4 sources with their 2 samples each; projection, scores, throughput and loss figures.
+    assert facts["images"] == 4 * 3 + 4
     heads = [t["head"] for t in facts["tables"]]
     assert any(h.startswith("stage\tfolder") for h in heads), heads
     assert any(h.startswith("mode\tmodel") for h in heads), heads
     assert any(h.startswith("domain\tsplit") for h in heads), heads
+    # Each ED-SAM sample's scores against alpha: medians per alpha bin and the quartiles.
+    assert any(h.startswith("alpha bin\tsamples") for h in heads), heads
+    assert any(h.startswith("score\t25 %") for h in heads), heads
     assert facts["empty"] == ["no sample was skipped in the committed shards", "no shard failed"]
     for stage in ("download", "edsam", "features", "ldfs_fit", "ldfs"):
         assert stage in facts["text"]
