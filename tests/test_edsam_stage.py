@@ -45,6 +45,7 @@ JSON_FIELDS = {
     "model",
     "reference_clip",
     "tiny_random",
+    "sampler",
     "steps",
     "guidance",
 }
@@ -182,6 +183,24 @@ def test_rho_zero_equals_the_none_baseline(tmp_path: Path, shard: Path, start: s
     assert [s["jpg"] for s in zero] == [s["jpg"] for s in none]
     assert all(a == 0 for a in alphas(zero) + alphas(none))
     assert [s["jpg"] for s in half] != [s["jpg"] for s in none]
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "lcm"])
+def test_every_sampler_keeps_the_transport_invariants(
+    tmp_path: Path, shard: Path, sampler: str
+) -> None:
+    """|alpha| <= rho, rho = 0 equals `none`, the same seed gives the same bytes (lcm draws its
+    noise from each sample's seed), and the sampler changes the pixels."""
+    _, zero = run_stage(tmp_path, shard, "zero", rho=0.0, sampler=sampler)
+    _, none = run_stage(tmp_path, shard, "none", objective="none", sampler=sampler)
+    assert [s["jpg"] for s in zero] == [s["jpg"] for s in none]
+    _, a = run_stage(tmp_path, shard, "a", rho=0.4, sampler=sampler)
+    _, b = run_stage(tmp_path, shard, "b", rho=0.4, sampler=sampler)
+    assert [s["jpg"] for s in a] == [s["jpg"] for s in b]
+    assert all(abs(x) <= 0.4 for x in alphas(a))
+    assert all(json.loads(s["json"])["sampler"] == sampler for s in a)
+    _, ddim = run_stage(tmp_path, shard, "ddim", rho=0.4)
+    assert [s["jpg"] for s in a] != [s["jpg"] for s in ddim]
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path, shard: Path) -> None:

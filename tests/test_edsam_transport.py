@@ -125,3 +125,33 @@ def test_effective_config_drops_settings_without_effect() -> None:
     assert worst["batch_size"] == 8 and worst["device"] == "auto"  # these change pixels: kept
     with pytest.raises(ValueError, match="multiple of 8"):
         EdsamConfig(image_size=100)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "lcm"])
+@pytest.mark.parametrize(("start", "steps"), [(999, 1), (999, 4), (354, 20)])
+def test_scheduler_samplers_return_the_latent_for_an_exact_predictor(
+    sampler: str, start: int, steps: int
+) -> None:
+    """With a noise predictor consistent with one x0, each diffusers sampler on our timesteps
+    (counted from the start step) ends at that x0: the schedule and the σ-space conversion are
+    right. (Our DDIM ends at step 0's noise level, as diffusers' DDIM does for SD.)"""
+    from diffusers import DDIMScheduler
+
+    from dgaug.models.ldm_presets import ddim_scheduler
+    from dgaug.stages.edsam.samplers import denoise
+    from dgaug.stages.edsam.transport import ddim_timesteps, sample_generator
+
+    config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    ac = ddim_scheduler(config).alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+
+    def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
+        a = float(ac[t])
+        return (z - a**0.5 * x0) / (1 - a) ** 0.5
+
+    a = float(ac[start])
+    z = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=g)
+    gens = [sample_generator(i) for i in range(3)]
+    out = denoise(sampler, z, eps_fn, ac, ddim_timesteps(start, steps), config, gens)
+    assert float((out - x0).abs().max()) < 1e-4

@@ -71,7 +71,13 @@ class EdsamConfig(BaseModel):
     score_size: int = Field(
         128, ge=16, le=4096, description="Side in pixels at which candidates are decoded to score."
     )
-    steps: int = Field(20, ge=1, le=1000, description="DDIM steps counted from the start step.")
+    sampler: Literal["ddim", "dpmpp_2m", "euler", "lcm"] = Field(
+        "ddim",
+        description="Denoising sampler from the start step: ddim (ours; also inverts), dpmpp_2m "
+        "(DPM-Solver++ 2M), euler, lcm (LCM models and LCM-LoRA; draws noise per sample), all "
+        "diffusers' schedulers on our evenly spaced (from the last step: trailing) timesteps.",
+    )
+    steps: int = Field(20, ge=1, le=1000, description="Sampler steps counted from the start step.")
     guidance: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance scale.")
     image_size: int = Field(
         512, ge=16, le=2048, description="Side of the generated images (a multiple of 8)."

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dgaug.core.hashing import derive_seed
 from dgaug.stages.edsam.config import EdsamConfig
+from dgaug.stages.edsam.samplers import STOCHASTIC, denoise
 from dgaug.stages.edsam.transport import (
     ddim_invert,
-    ddim_sample,
     ddim_timesteps,
     draw_alpha,
     half_alpha_bar_step,
@@ -182,7 +183,19 @@ class EdsamSampler:
             t0 = time.perf_counter()
             z = self._transport(z_s, part, [jb.alpha for jb in part])
             c = cond[torch.tensor([jb.src for jb in part], device=cond.device)]
-            z = ddim_sample(z, self._eps_fn(c, cfg.guidance), self.ac, self.timesteps)
+            gens = None
+            if cfg.sampler in STOCHASTIC:
+                # The sampler's noise comes from the sample's own seed, not from the batch.
+                gens = [sample_generator(derive_seed(jb.seed, "sampler", 0)) for jb in part]
+            z = denoise(
+                cfg.sampler,
+                z,
+                self._eps_fn(c, cfg.guidance),
+                self.ac,
+                self.timesteps,
+                ldm.scheduler.config,
+                gens,
+            )
             self._time("denoise", t0)
             t0 = time.perf_counter()
             x = ldm.decode(z)
@@ -208,6 +221,7 @@ class EdsamSampler:
             "model": self.ldm.model_id,
             "reference_clip": self.clip.model_id if cfg.objective == "worst" else None,
             "tiny_random": self.tiny,
+            "sampler": cfg.sampler,
             "steps": len(self.timesteps) - 1,
             "guidance": cfg.guidance,
             "image_size": cfg.image_size,
