@@ -17,6 +17,7 @@ from PIL import Image
 from dgaug.core.storage import Storage
 from dgaug.job.manifest import validate
 from dgaug.job.run import run_pipeline
+from dgaug.models.errors import ModelError
 from dgaug.pipeline.stage import ShardTask, StageContext
 from dgaug.stages.download.merge import write_deterministic_tar
 from dgaug.stages.edsam.stage import EdsamStage
@@ -201,6 +202,37 @@ def test_every_sampler_keeps_the_transport_invariants(
     assert all(json.loads(s["json"])["sampler"] == sampler for s in a)
     _, ddim = run_stage(tmp_path, shard, "ddim", rho=0.4)
     assert [s["jpg"] for s in a] != [s["jpg"] for s in ddim]
+
+
+def test_a_tiny_decoder_from_a_folder_decodes_the_samples(tmp_path: Path, shard: Path) -> None:
+    """decoder: tiny loads an AutoencoderTiny saved in diffusers' layout by path, decodes every
+    sample with it (other pixels than the VAE's, the same size) and says so in the record; a
+    decoder for other latents is refused in one line."""
+    from diffusers import AutoencoderTiny
+
+    from dgaug.models.ldm import _tiny_random_decoder
+
+    folder = tmp_path / "taesd"
+    _tiny_random_decoder(4, 2, seed=1).save_pretrained(folder)
+    _, tiny = run_stage(tmp_path, shard, "tiny", decoder="tiny", tiny_decoder=str(folder))
+    _, vae = run_stage(tmp_path, shard, "vae")
+    assert [json.loads(s["json"])["decoder"] for s in tiny] == [f"tiny:{folder}"] * len(tiny)
+    assert [s["jpg"] for s in tiny] != [s["jpg"] for s in vae]
+    sizes = {Image.open(io.BytesIO(s["jpg"])).size for s in tiny + vae}
+    assert len(sizes) == 1
+
+    wrong = tmp_path / "taesd-8ch"
+    AutoencoderTiny(
+        latent_channels=8,
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+    ).save_pretrained(wrong)
+    with pytest.raises(ModelError, match="8-channel latents .* 4-channel"):
+        run_stage(tmp_path, shard, "wrong", decoder="tiny", tiny_decoder=str(wrong))
+    with pytest.raises(Exception, match="decoder tiny needs tiny_decoder"):
+        run_stage(tmp_path, shard, "none", decoder="tiny")
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path, shard: Path) -> None:

@@ -57,6 +57,9 @@ class LatentDiffusion:
     tiny: bool
     device: torch.device
     dtype: torch.dtype
+    # A cheap decoder (AutoencoderTiny, TAESD's format) used instead of the VAE's decoder.
+    tiny_decoder: Any = None
+    tiny_decoder_id: str | None = None
 
     @property
     def num_train_timesteps(self) -> int:
@@ -146,6 +149,11 @@ class LatentDiffusion:
     def decode(self, z: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """Scaled latents -> pixels [B,3,H,W] float32 in [-1,1]; grad=True keeps the graph."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if self.tiny_decoder is not None:
+                # TAESD decodes the UNet's (scaled) latents directly: its scaling factor is 1.
+                dec = self.tiny_decoder
+                x = dec.decode(z.to(self.device, next(dec.parameters()).dtype)).sample
+                return x.float().clamp(-1.0, 1.0)
             scale, shift = self._latent_affine()
             x = self.vae.decode((z.to(self.device).float() / scale + shift).to(self.vae.dtype))
             return x.sample.float().clamp(-1.0, 1.0)
@@ -348,6 +356,52 @@ def from_components(
         device=dev,
         dtype=dt,
     )
+
+
+def _tiny_random_decoder(latent_channels: int, scale_factor: int, seed: int) -> Any:
+    from diffusers import AutoencoderTiny
+
+    ups = max(0, int(scale_factor).bit_length() - 1)  # log2 of the LDM's scale factor
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        latent_channels=latent_channels,
+        encoder_block_out_channels=(8,) * (ups + 1),
+        decoder_block_out_channels=(8,) * (ups + 1),
+        num_encoder_blocks=(1,) * (ups + 1),
+        num_decoder_blocks=(1,) * (ups + 1),
+    )
+
+
+def attach_tiny_decoder(ldm: LatentDiffusion, spec: str, seed: int = 0) -> LatentDiffusion:
+    """Decode with an AutoencoderTiny (TAESD-format weights in a local diffusers folder, or
+    "tiny-random") instead of the VAE's decoder; ModelError in one line if it cannot serve."""
+    from diffusers import AutoencoderTiny
+
+    if spec == TINY:
+        dec = _tiny_random_decoder(ldm.latent_channels, ldm.vae_scale_factor, seed)
+    else:
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"tiny_decoder {spec!r} is not a folder with an AutoencoderTiny config.json "
+                "(e.g. madebyollin/taesd saved with save_pretrained)"
+            )
+        try:
+            dec = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # any loader failure becomes one actionable line
+            raise ModelError(f"cannot load tiny_decoder {spec!r}: {brief(exc)}") from exc
+    cfg = dec.config
+    scale = cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1)
+    if cfg.latent_channels != ldm.latent_channels or scale != ldm.vae_scale_factor:
+        raise ModelError(
+            f"tiny_decoder {spec!r} decodes {cfg.latent_channels}-channel latents {scale}x up; "
+            f"{ldm.model_id}'s are {ldm.latent_channels}-channel, {ldm.vae_scale_factor}x "
+            "(TAESD for SD-1.x/2.x, TAESDXL for SDXL)"
+        )
+    dec.requires_grad_(False).eval()
+    _move(dec, ldm.device, ldm.dtype)
+    ldm.tiny_decoder, ldm.tiny_decoder_id = dec, spec
+    return ldm
 
 
 # UNet weights up to this size count as small enough for a CPU (SD-1.5's are 1.7-3.4 GB).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dgaug.core.constants import TINY
 
@@ -98,6 +98,16 @@ class EdsamConfig(BaseModel):
         "null: each source image's short side, i.e. the size the real shards (and CLIP) use.",
     )
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the written images.")
+    decoder: Literal["vae", "tiny"] = Field(
+        "vae",
+        description="vae: the LDM's own decoder; tiny: an AutoencoderTiny (TAESD) from "
+        "`tiny_decoder`, for the samples and for worst's scoring: a fraction of the decode FLOPs.",
+    )
+    tiny_decoder: str | None = Field(
+        None,
+        description="decoder tiny: a local diffusers folder of AutoencoderTiny weights (TAESD for "
+        "SD-1.x/2.x, TAESDXL for SDXL), or tiny-random.",
+    )
 
     # Fields that cannot change a written byte: left out of the fingerprint, so they can be changed
     # between a killed run and its resume. `allow_cpu` only permits or refuses a load.
@@ -113,6 +123,15 @@ class EdsamConfig(BaseModel):
             raise ValueError(f"must be a multiple of 8 (the VAE's downsampling), got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _tiny_decoder_named(self) -> EdsamConfig:
+        if self.decoder == "tiny" and not self.tiny_decoder:
+            raise ValueError(
+                "decoder tiny needs tiny_decoder: a local AutoencoderTiny folder (TAESD) or "
+                "tiny-random"
+            )
+        return self
+
     @property
     def tiny(self) -> bool:
         return self.model == TINY
@@ -125,4 +144,6 @@ class EdsamConfig(BaseModel):
                 cfg[name] = None
         elif self.refine_steps == 0:
             cfg["refine_lr"] = None
+        if self.decoder == "vae":
+            cfg["tiny_decoder"] = None
         return cfg

@@ -80,6 +80,10 @@ class EdsamStage(ModelStage):
             compile=cfg.compile,
             allow_large_on_cpu=cfg.allow_cpu,
         )
+        if cfg.decoder == "tiny":
+            from dgaug.models.ldm import attach_tiny_decoder
+
+            attach_tiny_decoder(self._ldm, cfg.tiny_decoder)
         if cfg.objective == "worst":
             from dgaug.models.clip import load_clip
 
