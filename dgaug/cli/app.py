@@ -99,20 +99,36 @@ def status(
 
 
 @app.command()
-def plan(manifest: ManifestArg, set_: SetOpt = None) -> None:
-    """Show what `run` would do: shards per stage, how many are committed, how many to do.
+def plan(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    rates: Annotated[
+        str | None,
+        typer.Option(
+            help="A bench/edsam.py JSON: its measured ED-SAM samples/s replaces the assumed "
+            "GPU utilisation in the GPU-hours."
+        ),
+    ] = None,
+) -> None:
+    """Show what `run` would do and what it costs: shards per stage, how many are committed,
+    how many to do; then FLOPs and bytes per sample, totals and GPU-hours per stage.
 
-    Writes nothing. Counting a large tsv url list reads it once.
+    Writes nothing (the FLOP counts are cached per architecture in ~/.cache/dgaug). Counting a
+    large tsv url list reads it once.
     """
     m = load(manifest, set_)
     setup_logging(False)
+    from dgaug.cli.bill import print_bill
     from dgaug.cli.progress import print_plan
     from dgaug.core.storage import Storage
+    from dgaug.job.bill import build_bill
     from dgaug.job.run import plan_stages
 
     with user_errors():
         plans = plan_stages(m, Storage(m.output), dry_run=True)
     print_plan(m, plans)
+    with user_errors():
+        print_bill(build_bill(m, plans, rates))
 
 
 @app.command()
