@@ -179,6 +179,9 @@ def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any])
         model=ldm.model_id,
         samples_per_image=args.samples,
         start=args.start,
+        sampler=args.sampler,
+        decoder=args.decoder,
+        tiny_decoder="taesd-random" if args.decoder == "tiny" else None,
         steps=args.steps,
         guidance=args.guidance,
         image_size=args.image_size,
@@ -207,6 +210,9 @@ def bytes_per_sample(ldm: Any, args: argparse.Namespace, images: list[Any]) -> d
         model=ldm.model_id,
         samples_per_image=args.samples,
         start=args.start,
+        sampler=args.sampler,
+        decoder=args.decoder,
+        tiny_decoder="taesd-random" if args.decoder == "tiny" else None,
         steps=args.steps,
         guidance=args.guidance,
         image_size=args.image_size,
@@ -278,15 +284,40 @@ def build_ldm(args: argparse.Namespace) -> Any:
         sd15_shaped_random_components,
         tiny_random_components,
     )
+    from dgaug.models.ldm_presets import sd21_shaped_random_components
 
-    parts = sd15_shaped_random_components(0) if args.model == "sd15" else tiny_random_components(0)
-    return from_components(
-        parts,
+    make = {
+        "sd15": sd15_shaped_random_components,
+        "sd21": sd21_shaped_random_components,
+        "tiny": tiny_random_components,
+    }[args.model]
+    ldm = from_components(
+        make(0),
         model_id=f"{args.model}-random",
         tiny=args.model == "tiny",
         device=args.device,
         dtype=args.dtype,
     )
+    if args.decoder == "tiny":
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(0)
+        # TAESD's architecture (AutoencoderTiny's defaults) with random weights; the tiny model's
+        # 2x VAE gets the same blocks with one upsampling.
+        blocks = (
+            {}
+            if args.model != "tiny"
+            else {
+                "encoder_block_out_channels": (64, 64),
+                "decoder_block_out_channels": (64, 64),
+                "num_encoder_blocks": (1, 3),
+                "num_decoder_blocks": (3, 1),
+            }
+        )
+        dec = AutoencoderTiny(latent_channels=ldm.latent_channels, **blocks).eval()
+        ldm.tiny_decoder = dec.requires_grad_(False).to(ldm.device, ldm.dtype)
+        ldm.tiny_decoder_id = "taesd-random"
+    return ldm
 
 
 def flops_per_sample(ldm: Any, args: argparse.Namespace) -> dict[str, float]:
@@ -298,9 +329,11 @@ def flops_per_sample(ldm: Any, args: argparse.Namespace) -> dict[str, float]:
     t = torch.tensor([500], device=ldm.device)
     unet = count_flops(lambda: ldm.unet(z, t, encoder_hidden_states=c))
     enc = count_flops(lambda: ldm.vae.encode(x))
-    dec = count_flops(lambda: ldm.vae.decode(z.to(ldm.vae.dtype)))
+    dec = count_flops(lambda: ldm.decode(z))  # the tiny decoder when attached
     rows = 2 if args.guidance != 1.0 else 1
     per_sample = args.steps * rows * unet + dec + enc / args.samples
+    if args.start == "inverted":
+        per_sample += args.steps * unet / args.samples  # one unguided inversion per source
     return {"unet": unet, "vae_encode": enc, "vae_decode": dec, "per_sample": per_sample}
 
 
@@ -318,10 +351,33 @@ def measure(name: str, fn: Callable[[], int], device: torch.device, repeats: int
     return {"system": name, "samples": made, "seconds": best, "samples_per_s": made / best, **peak}
 
 
+# The README's recipes (SD-1.5 / SD-Turbo shapes with random weights: the work, not the pixels).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"model": "sd15", "start": "inverted", "sampler": "ddim", "steps": 20,
+              "guidance": 5.0, "decoder": "vae"},
+    "balanced": {"model": "sd15", "start": "inverted", "sampler": "dpmpp_2m", "steps": 10,
+                 "guidance": 3.0, "decoder": "vae"},
+    "fast": {"model": "sd21", "start": "inverted", "sampler": "ddim", "steps": 2,
+             "guidance": 1.0, "decoder": "tiny"},
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--model", choices=["tiny", "sd15"], help="default: sd15 on cuda, tiny on cpu")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "sd15", "sd21"],
+        help="default: sd15 on cuda, tiny on cpu; sd21: SD-2.1-base / SD-Turbo shapes",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help="the README's recipes: sets model, start, sampler, steps, guidance and decoder",
+    )
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m", "euler", "lcm"])
+    p.add_argument("--decoder", default="vae", choices=["vae", "tiny"], help="tiny: TAESD's shapes")
+    p.add_argument("--no-baseline", action="store_true", help="skip diffusers' img2img loop")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--image-size", type=int, help="default: 512 for sd15, 64 for tiny")
     p.add_argument("--images", type=int, default=8, help="source images per timed run")
@@ -349,10 +405,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="JSON result (default bench/results/edsam-DEVICE.json)")
     args = p.parse_args(argv)
+    if args.recipe:
+        for k, v in RECIPES[args.recipe].items():
+            setattr(args, k, v)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.model = args.model or ("sd15" if args.device == "cuda" else "tiny")
-    args.image_size = args.image_size or (512 if args.model == "sd15" else 64)
+    args.image_size = args.image_size or (64 if args.model == "tiny" else 512)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     return args
 
@@ -387,14 +446,16 @@ def main(argv: list[str] | None = None) -> int:
 
     images = source_images(args.images, args.image_size)
     base_images = images[: args.baseline_images or args.images]
-    pipe = img2img_pipeline(ldm)
+    # diffusers' img2img loop is the like-for-like baseline of the latent start, DDIM, VAE decode.
+    baseline = not args.no_baseline and args.sampler == "ddim" and args.decoder == "vae"
+    pipe = img2img_pipeline(ldm) if baseline else None
 
     # The same work: count UNet rows and VAE rows of one source image through both systems.
     work = {}
-    for name, fn in (
-        ("dgaug", lambda: dgaug_run(ldm, args, args.batch_sizes[0], images[:1])),
-        ("img2img", lambda: img2img_run(pipe, ldm, args, images[:1])),
-    ):
+    systems = [("dgaug", lambda: dgaug_run(ldm, args, args.batch_sizes[0], images[:1]))]
+    if baseline:
+        systems.append(("img2img", lambda: img2img_run(pipe, ldm, args, images[:1])))
+    for name, fn in systems:
         wc = WorkCounter(ldm.unet, ldm.vae)
         try:
             fn()  # also the warm-up of each system
@@ -417,10 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": b,
             }
         )
-    base = measure(
-        "img2img loop", lambda: img2img_run(pipe, ldm, args, base_images), device, args.repeats
-    )
-    results.append({**base, "batch_size": 1})
+    base = None
+    if baseline:
+        base = measure(
+            "img2img loop", lambda: img2img_run(pipe, ldm, args, base_images), device, args.repeats
+        )
+        results.append({**base, "batch_size": 1})
     if args.compile:
         ldm.unet.compile(mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
         ldm.vae.decoder.compile(
@@ -441,14 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     for r in results:
-        r["vs_img2img"] = r["samples_per_s"] / base["samples_per_s"]
+        r["vs_img2img"] = r["samples_per_s"] / base["samples_per_s"] if base else None
         r["fraction_of_flop_bound"] = r["samples_per_s"] / bound
     headers = ["system", "samples/s", "× img2img loop", "of FLOP-bound", "peak GiB"]
     rows = [
         [
             r["system"],
             round(r["samples_per_s"], 3),
-            f"{r['vs_img2img']:.2f}×",
+            "–" if r["vs_img2img"] is None else f"{r['vs_img2img']:.2f}×",
             f"{100 * r['fraction_of_flop_bound']:.1f}%",
             round(r.get("peak_gib", float("nan")), 2),
         ]

@@ -2,7 +2,7 @@
 # The whole GPU measurement of the edsam stage in one call, on a machine with torch and a CUDA GPU.
 #
 #   make gpu-wheels            # here: the packages that machine lacks, into .whl/
-#   bash bench/edsam_gpu.sh    # there (carry .whl): the gpu tests, then the benchmark at 512 px
+#   bash bench/edsam_gpu.sh    # there (carry .whl): the gpu tests, the benchmark at 512 px, the recipes
 #
 # Results (JSON and the printed table) go to $OUT when set, else bench/results/.
 set -euo pipefail
@@ -22,3 +22,10 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_edsam_gpu.py 2>&1 | t
 # the per-image img2img loop on 2 images (it is the slow one), and dgaug compiled.
 python3 bench/edsam.py --device cuda --model sd15 --images 8 --baseline-images 2 \
   --batch-sizes 8,16,32 --compile --out "$results/edsam-gpu.json" 2>&1 | tee "$results/edsam-gpu.txt"
+# The README's recipes (issue 17): paper and balanced on SD-1.5 shapes, fast on SD-Turbo's
+# (SD-2.1-base) shapes with TAESD's decoder; samples/s, % of the FLOP-bound rate, peak memory.
+for recipe in paper balanced fast; do
+  python3 bench/edsam.py --device cuda --recipe "$recipe" --images 8 --batch-sizes 8,32 \
+    --no-baseline --output-size 256 --out "$results/edsam-gpu-$recipe.json" 2>&1 \
+    | tee "$results/edsam-gpu-$recipe.txt"
+done

@@ -25,6 +25,9 @@ Protocol (fixed before any result was seen; change it only with a new version nu
 - Seeds 0, 1, 2 (data, ED-SAM draws and training order all change with the seed); mean ± std.
 - Reported: zero-shot and linear-probe accuracy per held-out domain and their mean.
 
+Version 2.2 (also after): `recipe paper`, `recipe balanced`, `recipe fast`, the README's
+recipes' sampler, steps and guidance on the toy LDM (M 5 as every row; no tiny decoder).
+
 Version 2.1 (added after the v2 table had been seen, so these two rows are exploratory, not
 pre-registered): `steps 20` and `guidance 7.5`, to choose the steps and guidance defaults.
 
@@ -67,6 +70,10 @@ EDSAM_VARIANTS: dict[str, dict[str, Any]] = {
     # v2.1 (added after the v2 table was seen, to choose the steps and guidance defaults):
     "steps 20": {"steps": 20},
     "guidance 7.5": {"guidance": 7.5},
+    # v2.2: the README's recipes with the toy LDM (its own VAE decodes: no TAESD for it).
+    "recipe paper": {"steps": 20, "guidance": 5.0},
+    "recipe balanced": {"sampler": "dpmpp_2m", "steps": 10, "guidance": 3.0},
+    "recipe fast": {"steps": 2, "guidance": 1.0},
 }
 FINETUNE = {"epochs": 10, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 5}
 FEATURE_ARMS = ("probe", "coop")

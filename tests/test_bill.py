@@ -89,3 +89,17 @@ def test_cc12m_bill_and_a_measured_rate(tmp_path: Path) -> None:
     measured = build_bill(m, plans, str(rates))
     assert measured.gpu_hours(by["edsam"]) == pytest.approx(by["edsam"].samples / 2.0 / 3600)
     assert "measured: 2 samples/s" in measured.rate_source
+
+
+def test_the_fast_laion_recipe_costs_a_tenth_of_the_paper_recipe() -> None:
+    """laion400m-fast.yaml (SD-Turbo shapes, 2 steps, no CFG, TAESD) against laion400m.yaml."""
+    import yaml
+
+    from dgaug.stages.edsam.config import EdsamConfig
+
+    def per_sample(name: str) -> float:
+        data = yaml.safe_load((REPO / "manifests" / name).read_text())
+        return edsam_flops(EdsamConfig(**data["stages"]["edsam"]))[0]
+
+    fast, paper = per_sample("laion400m-fast.yaml"), per_sample("laion400m.yaml")
+    assert fast <= 3.5e12 and fast <= paper / 10, (fast, paper)

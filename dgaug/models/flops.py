@@ -81,11 +81,17 @@ def ldm_configs(spec: str) -> dict[str, Any] | None:
             "vae": presets.TINY_VAE_CONFIG,
             "text": presets.TINY_TEXT_CONFIG,
         }
-    if spec == "stable-diffusion-v1-5/stable-diffusion-v1-5":
+    if spec == SD15:
         return {
             "unet": presets.SD15_UNET_CONFIG,
             "vae": presets.SD15_VAE_CONFIG,
             "text": presets.SD15_TEXT_CONFIG,
+        }
+    if spec in SD21_SHAPED:
+        return {
+            "unet": presets.SD21_UNET_CONFIG,
+            "vae": presets.SD15_VAE_CONFIG,
+            "text": presets.SD21_TEXT_CONFIG,
         }
     folder = toy_path(spec) if spec == TOY_LDM else Path(spec).expanduser()
     try:
@@ -116,7 +122,9 @@ def ldm_configs(spec: str) -> dict[str, Any] | None:
 
 
 # Architectures fixed by their name: the cache key needs no config (and no torch import).
-_NAMED_LDMS = (TINY, TOY_LDM, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD21_SHAPED = ("stabilityai/sd-turbo", "stabilityai/stable-diffusion-2-1-base")
+_NAMED_LDMS = (TINY, TOY_LDM, SD15, *SD21_SHAPED)
 
 
 def _ldm_key(spec: str, image_size: int) -> str | None:

@@ -85,6 +85,25 @@ SD15_TEXT_CONFIG: dict[str, Any] = {
     "pad_token_id": 1,
 }
 
+# SD-2.1-base's shapes (the architecture SD-Turbo distils, 512 px, epsilon prediction): the UNet
+# of SD-1.5 with per-block head widths, linear projections and 1024-wide cross-attention, and the
+# text tower of OpenCLIP ViT-H/14 (23 of its 24 layers, as SD-2 uses the penultimate one).
+SD21_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
+SD21_TEXT_CONFIG: dict[str, Any] = {
+    **SD15_TEXT_CONFIG,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "projection_dim": 512,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+}
+
 # Small enough that a 64 px image goes through encode, a guided UNet step and decode on CPU in
 # well under a second, shaped like SD (cross-attention in the UNet, a KL VAE, a CLIP text tower).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -142,6 +161,11 @@ def tiny_random_components(seed: int = 0) -> dict[str, Any]:
 def sd15_shaped_random_components(seed: int = 0) -> dict[str, Any]:
     """SD-1.5's architecture (~1.07 B parameters) with random weights, for timing on a GPU."""
     return _random_components(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, seed)
+
+
+def sd21_shaped_random_components(seed: int = 0) -> dict[str, Any]:
+    """SD-2.1-base's (and SD-Turbo's) architecture with random weights, for timing on a GPU."""
+    return _random_components(SD21_UNET_CONFIG, SD15_VAE_CONFIG, SD21_TEXT_CONFIG, seed)
 
 
 def _random_components(
