@@ -357,10 +357,16 @@ def test_report_of_the_bucket_run_is_written_to_the_bucket(s3_run: S3Run, tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"{s3_run.url}/report/index.html"
     objects = s3_objects(f"{s3_run.prefix}/report")
-    assert sorted(objects) == ["contact.png", "index.html", "projection.png", "throughput.png"]
+    assert sorted(objects) == [
+        "contact.png",
+        "index.html",
+        "projection.png",
+        "scores.png",  # the ED-SAM scores, read from the bucket's features files
+        "throughput.png",
+    ]
     page = objects["index.html"].decode()
     # Self-contained: the 3 sources with their 2 samples each are embedded, as are the figures.
     assert page.count("data:image/jpeg;base64,") == 3 * 3
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     assert "Complete: all 9" in page and s3_run.url in page
     assert not (s3_run.cwd / s3_run.bucket).exists()
