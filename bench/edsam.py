@@ -170,12 +170,11 @@ CAPTIONS = [
 ]
 
 
-def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any]) -> int:
-    """dgaug's sampler as the stage calls it: source_batch images at a time, M samples each."""
+def edsam_config(ldm: Any, args: argparse.Namespace, batch: int) -> Any:
+    """The stage's config for this run's settings."""
     from dgaug.stages.edsam.config import EdsamConfig
-    from dgaug.stages.edsam.sampler import EdsamSampler
 
-    cfg = EdsamConfig(
+    return EdsamConfig(
         model=ldm.model_id,
         samples_per_image=args.samples,
         start=args.start,
@@ -188,7 +187,13 @@ def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any])
         batch_size=batch,
         source_batch=args.source_batch,
     )
-    sampler = EdsamSampler(ldm, cfg, seed=0)
+
+
+def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any]) -> int:
+    """dgaug's sampler as the stage calls it: source_batch images at a time, M samples each."""
+    from dgaug.stages.edsam.sampler import EdsamSampler
+
+    sampler = EdsamSampler(ldm, edsam_config(ldm, args, batch), seed=0)
     made = 0
     for i in range(0, len(images), args.source_batch):
         part = images[i : i + args.source_batch]
@@ -202,22 +207,10 @@ def dgaug_run(ldm: Any, args: argparse.Namespace, batch: int, images: list[Any])
 def bytes_per_sample(ldm: Any, args: argparse.Namespace, images: list[Any]) -> dict[str, Any]:
     """The JPEG bytes of a sample as the stage writes it (output size, quality) beside those of
     its source written the same way at its own size."""
-    from dgaug.stages.edsam.config import EdsamConfig
     from dgaug.stages.edsam.io import encode_jpeg
     from dgaug.stages.edsam.sampler import EdsamSampler
 
-    cfg = EdsamConfig(
-        model=ldm.model_id,
-        samples_per_image=args.samples,
-        start=args.start,
-        sampler=args.sampler,
-        decoder=args.decoder,
-        tiny_decoder="taesd-random" if args.decoder == "tiny" else None,
-        steps=args.steps,
-        guidance=args.guidance,
-        image_size=args.image_size,
-        batch_size=args.batch_sizes[0],
-    )
+    cfg = edsam_config(ldm, args, args.batch_sizes[0])
     made = EdsamSampler(ldm, cfg, seed=0).generate(
         to_pixels(images), CAPTIONS[: len(images)], [f"{k:010d}" for k in range(len(images))]
     )

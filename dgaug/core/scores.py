@@ -49,6 +49,13 @@ def alpha_value(record: Any) -> float | None:
     return None
 
 
+def cosine_bound(description: str) -> Any:
+    """A manifest field for an optional threshold on a cosine score: null, or within [-1, 1]."""
+    from pydantic import Field
+
+    return Field(None, ge=-1, le=1, description=description)
+
+
 @dataclass(frozen=True)
 class ScoreFilter:
     """Which ED-SAM samples a reader keeps; samples are never deleted, only left out of a view."""

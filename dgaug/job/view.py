@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import posixpath
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from dgaug.core.scores import ScoreFilter, left_out_keys, read_score_table
+from dgaug.core.scores import ScoreFilter, cosine_bound, left_out_keys, read_score_table
 from dgaug.core.storage import Storage
 from dgaug.pipeline.ledger import Ledger
 
@@ -19,17 +19,11 @@ class MixConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_caption_score: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="Leave ED-SAM samples whose caption_score is below this out of mix/.",
+    min_caption_score: float | None = cosine_bound(
+        "Leave ED-SAM samples whose caption_score is below this out of mix/."
     )
-    max_source_similarity: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="Leave ED-SAM samples whose source_similarity is above this out of mix/.",
+    max_source_similarity: float | None = cosine_bound(
+        "Leave ED-SAM samples whose source_similarity is above this out of mix/."
     )
 
     @property

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dgaug.core.scores import ScoreFilter
+from dgaug.core.scores import ScoreFilter, cosine_bound
 from dgaug.core.templates import check_template
 
 
@@ -34,19 +34,13 @@ class TrainData(_Strict):
     edsam_features: bool = Field(
         False, description="probe/coop: also train on the ED-SAM rows of the features files."
     )
-    min_caption_score: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="Leave out ED-SAM samples whose caption_score (cos to their caption, in the "
-        "features files) is below this; null: keep all. Reads train.data.features.",
+    min_caption_score: float | None = cosine_bound(
+        "Leave out ED-SAM samples whose caption_score (cos to their caption, in the features "
+        "files) is below this; null: keep all. Reads train.data.features."
     )
-    max_source_similarity: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="Leave out ED-SAM samples whose source_similarity (cos to their source "
-        "image) is above this (near copies); null: keep all. Reads train.data.features.",
+    max_source_similarity: float | None = cosine_bound(
+        "Leave out ED-SAM samples whose source_similarity (cos to their source image) is above "
+        "this (near copies); null: keep all. Reads train.data.features."
     )
 
     @property
