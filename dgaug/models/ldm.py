@@ -127,7 +127,13 @@ class LatentDiffusion:
         t = torch.as_tensor(t, device=self.device).reshape(-1)
         t = t.expand(b) if t.numel() == 1 else t
         cond = _batch(cond.to(self.device, self.dtype), b)
-        if uncond is None or guidance == 1.0:
+        proj = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if proj:
+            # An LCM-distilled UNet takes the guidance scale as an embedding, in one row.
+            w = guidance_embedding(torch.full((b,), guidance - 1.0), proj)
+            w = w.to(self.device, self.dtype)
+            out = self.unet(z, t, encoder_hidden_states=cond, timestep_cond=w).sample.float()
+        elif uncond is None or guidance == 1.0:
             out = self.unet(z, t, encoder_hidden_states=cond).sample.float()
         else:
             uncond = _batch(uncond.to(self.device, self.dtype), b)
@@ -157,6 +163,20 @@ class LatentDiffusion:
             scale, shift = self._latent_affine()
             x = self.vae.decode((z.to(self.device).float() / scale + shift).to(self.vae.dtype))
             return x.sample.float().clamp(-1.0, 1.0)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales w ([B]) as LCM-distilled UNets take it
+    (`timestep_cond`; the LCM paper's w-conditioning, scaled by 1000). Written out because
+    diffusers keeps it as a method of its LCM pipeline, which dgaug does not build."""
+    half = dim // 2
+    # In this order, in float32: the angles reach thousands of radians, where a rounding
+    # difference would move the sines.
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
