@@ -77,7 +77,7 @@ def test_cc12m_bill_and_a_measured_rate(tmp_path: Path) -> None:
         [f"source.path={tsv}", f"output={tmp_path / 'out'}", "executor.kind=local"],
     )
     plans = plan_stages(m, Storage(m.output), dry_run=True)
-    bill = build_bill(m, plans)
+    bill = build_bill(m, len(plans["download"].tasks), list(plans))
     by = {s.stage: s for s in bill.stages}
     assert by["edsam"].samples == 10 * by["download"].samples
     assert by["edsam"].flops_per_sample == pytest.approx(edsam_flops(m.stages.edsam)[0])
@@ -86,7 +86,7 @@ def test_cc12m_bill_and_a_measured_rate(tmp_path: Path) -> None:
     assert assumed == pytest.approx(by["edsam"].total_flops / (0.5 * 989e12) / 3600, rel=1e-9)
     rates = tmp_path / "edsam.json"
     rates.write_text(json.dumps({"results": [{"system": "dgaug batch 8", "samples_per_s": 2.0}]}))
-    measured = build_bill(m, plans, str(rates))
+    measured = build_bill(m, len(plans["download"].tasks), list(plans), str(rates))
     assert measured.gpu_hours(by["edsam"]) == pytest.approx(by["edsam"].samples / 2.0 / 3600)
     assert "measured: 2 samples/s" in measured.rate_source
 

@@ -42,6 +42,8 @@ def test_demo_runs_end_to_end_then_is_a_no_op(demo_run: DemoRun) -> None:
     r = demo_run.result
     assert r.exit_code == 0, r.output
     assert f"{out}/real/" in r.output, "the demo says where its shards are"
+    bill = r.output[r.output.index("the bill") :]  # printed once the run has planned
+    assert bill.index("edsam") < bill.index("features") and "GPU-hours: assumed" in bill
     assert f"{out}/edsam/" in r.output
     mix = f"'{out}/mix/real-{{00000..00003}}.tar::{out}/mix/edsam-{{00000..00003}}.tar'"
     assert f"--train-data {mix}" in r.output, "the demo says how open_clip reads every shard"

@@ -59,13 +59,20 @@ def run(
         raise fail(INVALID, f"error: --executor must be local or ray, not {executor!r}")
     m = load(manifest, set_, executor)
     setup_logging(verbose)
+    from dgaug.cli.bill import bill_printer
     from dgaug.cli.progress import RichProgress, print_run_summary
     from dgaug.cli.runlog import run_log
     from dgaug.job.run import run_pipeline
 
     # Innermost first on the way out: the progress display stops, the run log is closed (and
-    # uploaded), then the error's lines are printed.
-    with user_errors(RESUME), run_log(m.output), RichProgress(console()) as listener:
+    # uploaded), then the error's lines are printed. The bill is printed once the download
+    # stage is planned.
+    out = console()
+    with (
+        user_errors(RESUME),
+        run_log(m.output),
+        RichProgress(out, on_first_plan=bill_printer(m, out)) as listener,
+    ):
         summary = run_pipeline(m, force=force, listener=listener)
     print_run_summary(summary)
     raise typer.Exit(OK if summary.ok else FAILED)
@@ -128,7 +135,8 @@ def plan(
         plans = plan_stages(m, Storage(m.output), dry_run=True)
     print_plan(m, plans)
     with user_errors():
-        print_bill(build_bill(m, plans, rates))
+        shards = len(plans["download"].tasks) if "download" in plans else 0
+        print_bill(build_bill(m, shards, list(plans), rates))
 
 
 @app.command()

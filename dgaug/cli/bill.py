@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -30,9 +32,9 @@ def print_bill(bill: Any, console: Console | None = None) -> None:
     for col in (
         "stage",
         "samples",
-        "FLOP/sample",
-        "bytes/sample",
-        "total FLOP",
+        "FLOP each",
+        "bytes each",
+        "FLOP",
         "bytes",
         "GPU-hours",
     ):
@@ -59,3 +61,26 @@ def print_bill(bill: Any, console: Console | None = None) -> None:
     for s in bill.stages:
         for note in s.notes:
             out.print(f"  {s.stage}: {note}", markup=False, soft_wrap=True)
+
+
+def bill_printer(manifest: Any, console: Console) -> Callable[[str, int], None]:
+    """For `dgaug run`: print the bill once the download stage is planned. A bill that cannot be
+    made (an unknown model offline, say) is a log line: it never stops a run."""
+
+    def on_first_plan(stage: str, shards: int) -> None:
+        if stage != "download":
+            return
+        from dgaug.job.bill import build_bill
+
+        enabled = [
+            name
+            for name in ("download", "edsam", "features", "ldfs")
+            if getattr(manifest.stages, name) is not None
+            and getattr(getattr(manifest.stages, name), "enabled", True)
+        ]
+        try:
+            print_bill(build_bill(manifest, shards, enabled), console)
+        except Exception as e:  # the bill is advice; the run goes on
+            logging.getLogger(__name__).warning("no bill for this run: %s", e)
+
+    return on_first_plan

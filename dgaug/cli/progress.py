@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 class RichProgress(RunListener):
     """One bar per stage: shards committed out of planned, with samples and failures so far."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, on_first_plan: Callable[[str, int], None] | None = None):
         self.console = console
+        # Called once, with the first stage planned and its shard count (the run prints its bill).
+        self.on_first_plan = on_first_plan
         self.progress = Progress(
             TextColumn("{task.description:<10}"),
             BarColumn(),
@@ -55,6 +57,9 @@ class RichProgress(RunListener):
         self.progress.stop()
 
     def stage_planned(self, stage: str, total: int, already_done: int) -> None:
+        if self.on_first_plan is not None:
+            first, self.on_first_plan = self.on_first_plan, None
+            first(stage, total)
         self.samples[stage] = 0
         self.failed[stage] = 0
         note = f"({already_done} already committed)" if already_done else ""

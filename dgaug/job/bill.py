@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,13 @@ def edsam_flops(cfg: Any) -> tuple[float | None, list[str]]:
     return flops, notes
 
 
-def build_bill(manifest: Any, plans: dict[str, Any], rates: str | None = None) -> Bill:
-    """The bill of the manifest's enabled stages for the planned shards (pairs: shards x
-    shard_size, or the source's num_images when it has one)."""
+def build_bill(
+    manifest: Any, download_shards: int, plans: Collection[str], rates: str | None = None
+) -> Bill:
+    """The bill of the planned stages (`plans`: their names) for `download_shards` real shards
+    (pairs: shards x shard_size, or the source's num_images when it has one)."""
     st = manifest.stages
-    n_shards = len(plans["download"].tasks) if "download" in plans else 0
-    pairs = n_shards * manifest.shard_size
+    pairs = download_shards * manifest.shard_size
     num = getattr(manifest.source, "num_images", None)
     if isinstance(num, int):
         pairs = min(pairs, num)
