@@ -210,7 +210,7 @@ def test_a_tiny_decoder_from_a_folder_decodes_the_samples(tmp_path: Path, shard:
     decoder for other latents is refused in one line."""
     from diffusers import AutoencoderTiny
 
-    from dgaug.models.ldm import _tiny_random_decoder
+    from dgaug.models.ldm_addons import _tiny_random_decoder
 
     folder = tmp_path / "taesd"
     _tiny_random_decoder(4, 2, seed=1).save_pretrained(folder)

@@ -132,3 +132,47 @@ def test_sdxl_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="SDXL") as e:
         load_ldm(str(folder), device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_a_lora_is_fused_into_the_unet_as_peft_applies_it(tmp_path: Path) -> None:
+    """`lora:` (e.g. LCM-LoRA): weights saved by diffusers' LoRA saver load from the folder or
+    the file, fused: the UNet then predicts what the adapted UNet does, not the base one."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from dgaug.models.ldm_addons import attach_lora
+
+    folder = save_family(tmp_path / "sd1", "sd1 (epsilon)")
+    adapted = load_ldm(str(folder), device="cpu")
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    adapted.unet.add_adapter(lora)
+    g = torch.Generator().manual_seed(1)
+    for name, p in adapted.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    weights = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(
+        str(weights), unet_lora_layers=get_peft_model_state_dict(adapted.unet)
+    )
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    cond = adapted.encode_text(["a photo of a circle"])
+    with torch.inference_mode():
+        want = adapted.predict_noise(z, 500, cond)
+    for spec in (weights, weights / "pytorch_lora_weights.safetensors"):
+        ldm = attach_lora(load_ldm(str(folder), device="cpu"), str(spec))
+        with torch.inference_mode():
+            got = ldm.predict_noise(z, 500, cond)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert not any("lora" in n for n, _ in ldm.unet.named_parameters())  # fused, unloaded
+    base = load_ldm(str(folder), device="cpu")
+    with torch.inference_mode():
+        assert not torch.allclose(base.predict_noise(z, 500, cond), want, atol=1e-3)
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="cannot use lora") as e:
+        attach_lora(base, str(bad))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="does not exist"):
+        attach_lora(base, str(tmp_path / "missing"))

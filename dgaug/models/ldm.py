@@ -320,7 +320,7 @@ def _check_supported(
         )
 
 
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     module.to(device)
     # Cast only when needed: diffusers warns on every dtype cast through .to(), even a no-op one.
     if next(module.parameters()).dtype != dtype:
@@ -349,9 +349,9 @@ def from_components(
     # Frozen: a caller that backpropagates to z_t must not build gradients for the weights.
     for m in (vae, unet, text_encoder):
         m.requires_grad_(False).eval()
-    _move(vae, dev, _vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
-    _move(unet, dev, dt)
-    _move(text_encoder, dev, dt)
+    move_module(vae, dev, _vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
+    move_module(unet, dev, dt)
+    move_module(text_encoder, dev, dt)
     # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA).
     # set_default_attn_processor() would pick the unfused AttnProcessor, so set it explicitly.
     unet.set_attn_processor(AttnProcessor2_0())
@@ -376,52 +376,6 @@ def from_components(
         device=dev,
         dtype=dt,
     )
-
-
-def _tiny_random_decoder(latent_channels: int, scale_factor: int, seed: int) -> Any:
-    from diffusers import AutoencoderTiny
-
-    ups = max(0, int(scale_factor).bit_length() - 1)  # log2 of the LDM's scale factor
-    torch.manual_seed(seed)
-    return AutoencoderTiny(
-        latent_channels=latent_channels,
-        encoder_block_out_channels=(8,) * (ups + 1),
-        decoder_block_out_channels=(8,) * (ups + 1),
-        num_encoder_blocks=(1,) * (ups + 1),
-        num_decoder_blocks=(1,) * (ups + 1),
-    )
-
-
-def attach_tiny_decoder(ldm: LatentDiffusion, spec: str, seed: int = 0) -> LatentDiffusion:
-    """Decode with an AutoencoderTiny (TAESD-format weights in a local diffusers folder, or
-    "tiny-random") instead of the VAE's decoder; ModelError in one line if it cannot serve."""
-    from diffusers import AutoencoderTiny
-
-    if spec == TINY:
-        dec = _tiny_random_decoder(ldm.latent_channels, ldm.vae_scale_factor, seed)
-    else:
-        path = Path(spec).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"tiny_decoder {spec!r} is not a folder with an AutoencoderTiny config.json "
-                "(e.g. madebyollin/taesd saved with save_pretrained)"
-            )
-        try:
-            dec = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
-        except Exception as exc:  # any loader failure becomes one actionable line
-            raise ModelError(f"cannot load tiny_decoder {spec!r}: {brief(exc)}") from exc
-    cfg = dec.config
-    scale = cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1)
-    if cfg.latent_channels != ldm.latent_channels or scale != ldm.vae_scale_factor:
-        raise ModelError(
-            f"tiny_decoder {spec!r} decodes {cfg.latent_channels}-channel latents {scale}x up; "
-            f"{ldm.model_id}'s are {ldm.latent_channels}-channel, {ldm.vae_scale_factor}x "
-            "(TAESD for SD-1.x/2.x, TAESDXL for SDXL)"
-        )
-    dec.requires_grad_(False).eval()
-    _move(dec, ldm.device, ldm.dtype)
-    ldm.tiny_decoder, ldm.tiny_decoder_id = dec, spec
-    return ldm
 
 
 # UNet weights up to this size count as small enough for a CPU (SD-1.5's are 1.7-3.4 GB).

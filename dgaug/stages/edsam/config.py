@@ -98,6 +98,11 @@ class EdsamConfig(BaseModel):
         "null: each source image's short side, i.e. the size the real shards (and CLIP) use.",
     )
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the written images.")
+    lora: str | None = Field(
+        None,
+        description="LoRA weights fused into the UNet: a local .safetensors file or its folder "
+        "(e.g. LCM-LoRA, with sampler lcm and guidance ~1-2). null: none.",
+    )
     decoder: Literal["vae", "tiny"] = Field(
         "vae",
         description="vae: the LDM's own decoder; tiny: an AutoencoderTiny (TAESD) from "

@@ -222,6 +222,7 @@ class EdsamSampler:
             "reference_clip": self.clip.model_id if cfg.objective == "worst" else None,
             "tiny_random": self.tiny,
             "sampler": cfg.sampler,
+            "lora": cfg.lora,
             "decoder": f"tiny:{self.ldm.tiny_decoder_id}" if cfg.decoder == "tiny" else "vae",
             "steps": len(self.timesteps) - 1,
             "guidance": cfg.guidance,

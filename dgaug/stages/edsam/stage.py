@@ -77,11 +77,18 @@ class EdsamStage(ModelStage):
             cfg.model,
             device=cfg.device,
             dtype=cfg.dtype,
-            compile=cfg.compile,
+            compile=cfg.compile and cfg.lora is None,  # compiled after the LoRA is fused
             allow_large_on_cpu=cfg.allow_cpu,
         )
+        if cfg.lora is not None:
+            from dgaug.models.ldm_addons import attach_lora
+
+            attach_lora(self._ldm, cfg.lora)
+            if cfg.compile:
+                mode = "max-autotune-no-cudagraphs" if self._ldm.device.type == "cuda" else None
+                self._ldm.unet.compile(mode=mode)
         if cfg.decoder == "tiny":
-            from dgaug.models.ldm import attach_tiny_decoder
+            from dgaug.models.ldm_addons import attach_tiny_decoder
 
             attach_tiny_decoder(self._ldm, cfg.tiny_decoder)
         if cfg.objective == "worst":
