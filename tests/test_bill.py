@@ -103,3 +103,14 @@ def test_the_fast_laion_recipe_costs_a_tenth_of_the_paper_recipe() -> None:
 
     fast, paper = per_sample("laion400m-fast.yaml"), per_sample("laion400m.yaml")
     assert fast <= 3.5e12 and fast <= paper / 10, (fast, paper)
+
+
+def test_an_lcm_unet_is_billed_one_row_per_step(tmp_path: Path) -> None:
+    from dgaug.stages.edsam.config import EdsamConfig
+    from tests.test_model_families import save_family
+
+    lcm = save_family(tmp_path / "lcm", "lcm")
+    sd1 = save_family(tmp_path / "sd1", "sd1 (epsilon)")
+    one, _ = edsam_flops(EdsamConfig(model=str(lcm), image_size=32, steps=4, guidance=8.0))
+    two, _ = edsam_flops(EdsamConfig(model=str(sd1), image_size=32, steps=4, guidance=8.0))
+    assert two > one * 1.5  # the same UNet shape but for the w-embedding: about twice the work

@@ -69,7 +69,7 @@ def edsam_flops(cfg: Any) -> tuple[float | None, list[str]]:
         return None, [f"{cfg.model}: shapes unknown offline (no local config)"]
     m = cfg.samples_per_image
     steps = _steps_run(cfg.start, cfg.steps)
-    rows = 1 if cfg.guidance == 1.0 else 2
+    rows = 1 if cfg.guidance == 1.0 or parts.get("guidance_embedded") else 2
     unet = parts["unet_row"]
     flops = steps * rows * unet
     notes = [f"{steps} steps x {rows} UNet rows"]

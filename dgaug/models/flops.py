@@ -14,7 +14,7 @@ from dgaug.core.constants import TINY, TOY_LDM
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def cache_file() -> Path:
@@ -184,6 +184,8 @@ def _count_ldm(configs: dict[str, Any], image_size: int) -> dict[str, float]:
             "vae_decode": count_flops(lambda: vae.decode(z)),
             "text_encode": count_flops(lambda: text(ids)),
             "scale_factor": float(f),
+            # LCM-distilled UNets take the guidance scale as an embedding: one row, never two.
+            "guidance_embedded": float(bool(unet.config.get("time_cond_proj_dim"))),
             "latent_channels": float(vae.config.latent_channels),
         }
 
