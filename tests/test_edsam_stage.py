@@ -186,6 +186,7 @@ def test_rho_zero_equals_the_none_baseline(tmp_path: Path, shard: Path, start: s
     assert [s["jpg"] for s in half] != [s["jpg"] for s in none]
 
 
+@pytest.mark.slow  # five stage runs per sampler
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "lcm"])
 def test_every_sampler_keeps_the_transport_invariants(
     tmp_path: Path, shard: Path, sampler: str

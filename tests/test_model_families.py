@@ -134,6 +134,7 @@ def test_sdxl_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # three model loads and a PEFT adapter
 def test_a_lora_is_fused_into_the_unet_as_peft_applies_it(tmp_path: Path) -> None:
     """`lora:` (e.g. LCM-LoRA): weights saved by diffusers' LoRA saver load from the folder or
     the file, fused: the UNet then predicts what the adapted UNet does, not the base one."""

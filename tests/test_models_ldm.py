@@ -317,6 +317,7 @@ def test_from_components_wraps_given_parts(pixels):
     assert model.tiny and model.model_id == "x" and model.dtype == torch.float32
 
 
+@pytest.mark.slow  # torch.compile's first call: several seconds
 def test_compile_wraps_in_place():
     # Wrapping only: the first forward would compile for minutes on a CPU.
     model = load_ldm(TINY_RANDOM, device="cpu", compile=True)

@@ -110,6 +110,7 @@ def _text_to_image(ldm, captions: list[str], steps: int, guidance: float, seed: 
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
+@pytest.mark.slow  # 96 guided 25-step samples on CPU: about 15 s
 def test_toy_ldm_draws_the_shape_its_caption_names() -> None:
     """Text-to-image samples, classified by the toy CLIP, show the caption's shape far above
     chance: the LDM is conditioned on the captions, not only a generator of the world's look."""
