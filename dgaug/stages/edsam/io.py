@@ -6,10 +6,12 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a source is decoded: planning needs no torch
+    import torch
 
 from dgaug.core.constants import IMAGE_EXTS, MAX_ASPECT_RATIO
 from dgaug.core.images import open_rgb, skip_reason
@@ -76,6 +78,8 @@ def load_image(
         left, top = (nw - size) // 2, (nh - size) // 2
         im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im, dtype=np.uint8)
+    import torch
+
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
     return x / 127.5 - 1.0, side
 
