@@ -478,10 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append({**base, "batch_size": 1})
     if args.compile:
-        ldm.unet.compile(mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
-        ldm.vae.decoder.compile(
-            mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None
-        )
+        from dgaug.models.ldm import compile_ldm
+
+        compile_ldm(ldm)
         b = args.batch_sizes[0]
         dgaug_run(ldm, args, b, images)  # compile every shape the timed run meets
         results.append(

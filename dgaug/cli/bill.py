@@ -71,15 +71,10 @@ def bill_printer(manifest: Any, console: Console) -> Callable[[str, int], None]:
         if stage != "download":
             return
         from dgaug.job.bill import build_bill
+        from dgaug.job.graph import build_stages
 
-        enabled = [
-            name
-            for name in ("download", "edsam", "features", "ldfs")
-            if getattr(manifest.stages, name) is not None
-            and getattr(getattr(manifest.stages, name), "enabled", True)
-        ]
         try:
-            print_bill(build_bill(manifest, shards, enabled), console)
+            print_bill(build_bill(manifest, shards, list(build_stages(manifest))), console)
         except Exception as e:  # the bill is advice; the run goes on
             logging.getLogger(__name__).warning("no bill for this run: %s", e)
 

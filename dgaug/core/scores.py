@@ -92,25 +92,28 @@ def _at_least(v: float | None, bound: float) -> bool:
     return v is not None and not math.isnan(v) and v >= bound
 
 
-def table_scores(table: Any) -> dict[str, tuple[float | None, float | None]]:
-    """ED-SAM key -> (caption_score, source_similarity) of one features table.
+def table_score_columns(table: Any) -> tuple[list[float | None], list[float | None]]:
+    """(caption_score, source_similarity) of every row of one features table.
 
     Files written before the score columns existed have the embeddings: scored from them the
-    same way, so old and new files filter alike.
+    same way, so old and new files read alike.
     """
+    if "caption_score" in table.column_names and "source_similarity" in table.column_names:
+        return table["caption_score"].to_pylist(), table["source_similarity"].to_pylist()
+    return score_values(
+        table["key"].to_pylist(),
+        table["origin"].to_pylist(),
+        table["source_key"].to_pylist(),
+        embedding_matrix(table["image_embedding"]),
+        embedding_matrix(table["text_embedding"]),
+    )
+
+
+def table_scores(table: Any) -> dict[str, tuple[float | None, float | None]]:
+    """ED-SAM key -> (caption_score, source_similarity) of one features table."""
     keys = table["key"].to_pylist()
     origins = table["origin"].to_pylist()
-    if "caption_score" in table.column_names and "source_similarity" in table.column_names:
-        caption = table["caption_score"].to_pylist()
-        source = table["source_similarity"].to_pylist()
-    else:
-        caption, source = score_values(
-            keys,
-            origins,
-            table["source_key"].to_pylist(),
-            embedding_matrix(table["image_embedding"]),
-            embedding_matrix(table["text_embedding"]),
-        )
+    caption, source = table_score_columns(table)
     return {
         k: (c, s) for k, o, c, s in zip(keys, origins, caption, source, strict=True) if o == "edsam"
     }

@@ -142,11 +142,11 @@ def build_bill(
 
 
 def _embed_dim(spec: str) -> int | None:
-    from dgaug.models.flops import _clip_arch
+    from dgaug.models.flops import clip_arch
 
     if spec.startswith(("hf-hub:", "local-dir:")):
         return None
-    arch = _clip_arch(spec)
+    arch = clip_arch(spec)
     if isinstance(arch, dict):
         return int(arch["embed_dim"])
     import open_clip

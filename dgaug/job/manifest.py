@@ -97,12 +97,9 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _mix_needs_scores(self) -> Manifest:
         if self.mix is not None and self.mix.score_filter.active:
-            runs = [
-                s
-                for s in ("edsam", "features")
-                if getattr(self.stages, s) is not None and getattr(self.stages, s).enabled
-            ]
-            if len(runs) < 2 or not self.stages.features.include_edsam:
+            edsam, features = self.stages.edsam, self.stages.features
+            scored = edsam and edsam.enabled and features and features.enabled
+            if not (scored and features.include_edsam):
                 raise ValueError(
                     "mix thresholds read the ED-SAM samples' scores: the edsam stage and the "
                     "features stage (with include_edsam) must run"

@@ -43,14 +43,16 @@ def _save_cache(entries: dict[str, Any]) -> None:
         log.info("cannot write the FLOP cache %s: %s", path, e)
 
 
-def cached(key: str, count: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """count() once per key (an architecture and its shapes); later calls read the cache."""
+def cached(key: str, count: Callable[[], dict[str, float] | None]) -> dict[str, float] | None:
+    """count() once per key (an architecture and its shapes); later calls read the cache. A
+    None (nothing to count offline) is not cached: the next call tries again."""
     entries = _load_cache()
     if key in entries:
         return entries[key]
     value = count()
-    entries[key] = value
-    _save_cache(entries)
+    if value is not None:
+        entries[key] = value
+        _save_cache(entries)
     return value
 
 
@@ -146,18 +148,13 @@ def ldm_flops(spec: str, image_size: int) -> dict[str, float] | None:
     """FLOPs of one UNet row, one VAE encode, one VAE decode and one caption encode at batch 1
     and `image_size` (and the VAE's scale factor and latent channels); None when the model's
     configs are not available offline."""
+
+    def count() -> dict[str, float] | None:
+        configs = ldm_configs(spec)
+        return None if configs is None else _count_ldm(configs, image_size)
+
     key = _ldm_key(spec, image_size)
-    entries = _load_cache()
-    if key is not None and key in entries:
-        return entries[key]
-    configs = ldm_configs(spec)
-    if configs is None:
-        return None
-    value = _count_ldm(configs, image_size)
-    if key is not None:
-        entries[key] = value
-        _save_cache(entries)
-    return value
+    return count() if key is None else cached(key, count)
 
 
 def _count_ldm(configs: dict[str, Any], image_size: int) -> dict[str, float]:
@@ -213,10 +210,11 @@ def clip_flops(spec: str) -> dict[str, float] | None:
     if spec.startswith(("hf-hub:", "local-dir:")):
         return None
     key = json.dumps(["clip", spec.split(":", 1)[0]])
-    return cached(key, lambda: _count_clip(_clip_arch(spec)))
+    return cached(key, lambda: _count_clip(clip_arch(spec)))
 
 
-def _clip_arch(spec: str) -> str | dict[str, Any]:
+def clip_arch(spec: str) -> str | dict[str, Any]:
+    """An open_clip architecture: its name, or the config dict of dgaug's own models."""
     if spec == TINY:
         from dgaug.models.clip_tiny import TINY_CONFIG
 

@@ -359,13 +359,7 @@ def from_components(
     if dev.type == "cuda":
         # cuDNN's convolutions are faster in NHWC on tensor cores; inputs need not be converted.
         unet.to(memory_format=torch.channels_last)
-    if compile:
-        # In place (module.compile), so the parts keep their classes and configs. No CUDA graphs:
-        # batch shapes vary at the end of a shard and graphs would pin memory per shape.
-        mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else None
-        unet.compile(mode=mode)
-        vae.decoder.compile(mode=mode)
-    return LatentDiffusion(
+    ldm = LatentDiffusion(
         vae=vae,
         unet=unet,
         text_encoder=text_encoder,
@@ -376,6 +370,18 @@ def from_components(
         device=dev,
         dtype=dt,
     )
+    if compile:
+        compile_ldm(ldm)
+    return ldm
+
+
+def compile_ldm(ldm: LatentDiffusion) -> None:
+    """torch.compile the UNet and the VAE's decoder, in place (module.compile), so the parts keep
+    their classes and configs. No CUDA graphs: batch shapes vary at the end of a shard and graphs
+    would pin memory per shape."""
+    mode = "max-autotune-no-cudagraphs" if ldm.device.type == "cuda" else None
+    ldm.unet.compile(mode=mode)
+    ldm.vae.decoder.compile(mode=mode)
 
 
 # UNet weights up to this size count as small enough for a CPU (SD-1.5's are 1.7-3.4 GB).

@@ -9,6 +9,7 @@ import posixpath
 from typing import Protocol
 
 from dgaug.core.atomic import temporary_name
+from dgaug.core.hashing import record_hash
 from dgaug.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,24 @@ def _remove_stale(folder: str, keep: set[str]) -> int:
     return removed
 
 
-def _filtered_copy(
-    storage: Storage, folder: str, name: str, target: str, drop: set[str], record: dict
-) -> int:
+def _filtered_copy(folder: str, name: str, target: str, drop: set[str], record: dict) -> int:
     """Make `folder/name` a copy of `target` without the `drop` keys; returns its samples.
 
     Copies, because open_clip cannot skip samples inside a tar; made once per source shard and
-    rule (`record` says what an existing copy was made from) and replaced atomically.
+    set of left-out keys (`record` says what an existing copy was made from: a remade shard or
+    changed scores remake it) and replaced atomically.
     """
     from dgaug.core.tars import read_tar_samples, write_deterministic_tar
 
     path = os.path.join(folder, name)
     source = os.path.normpath(os.path.join(folder, target))
     st = os.stat(source)
-    made_from = {"source": target, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    made_from = {
+        "source": target,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "left_out_keys": record_hash(sorted(drop)),
+    }
     old = record.get(name)
     current = old and {k: old.get(k) for k in made_from} == made_from
     if current and os.path.isfile(path) and not os.path.islink(path):
@@ -139,7 +144,7 @@ def write_mix(
         drop = view_filter.left_out(stage_dir, name.rpartition("-")[2])
         if drop is None:
             continue  # not judged yet: left out whole, a later run adds it
-        sizes[name] = _filtered_copy(storage, folder, name, target, drop, record)
+        sizes[name] = _filtered_copy(folder, name, target, drop, record)
         filtered[name] = record[name]
     # Files first, then sizes: every shard a reader can name in sizes.json is already there.
     storage.write_json(f"{MIX_DIR}/{SIZES}", sizes)

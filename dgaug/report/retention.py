@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from dgaug.core.parquet import embedding_matrix
-from dgaug.core.scores import SCORE_COLUMNS, score_values
+from dgaug.core.scores import SCORE_COLUMNS, table_score_columns
 from dgaug.report.collect import RunView
 
 # Rows read at most (in shard order, whole files): bounded memory and time at any scale, and
@@ -115,29 +115,17 @@ def _read_table(view: RunView, rel: str) -> Any:
         return pf.read(columns=_COLUMNS + [c for c in SCORE_COLUMNS if c in have])
 
 
-def _column(table: Any, name: str) -> np.ndarray | None:
-    if name not in table.column_names:
-        return None
-    return np.asarray([np.nan if v is None else v for v in table[name].to_pylist()], np.float64)
-
-
-def _sample_scores(table: Any, img: np.ndarray, txt: np.ndarray, is_real, is_ed) -> SampleScores:
-    """The features stage's score columns; files written before them are scored here alike."""
-    caption, source = _column(table, "caption_score"), _column(table, "source_similarity")
-    if caption is None or source is None:
-        c, s = score_values(
-            table["key"].to_pylist(),
-            table["origin"].to_pylist(),
-            table["source_key"].to_pylist(),
-            img,
-            txt,
-        )
-        caption = np.asarray(c, np.float64)
-        source = np.asarray([np.nan if v is None else v for v in s], np.float64)
-    alpha = _column(table, "alpha")
+def _sample_scores(table: Any, is_real: np.ndarray, is_ed: np.ndarray) -> SampleScores:
+    """The features stage's score columns (computed alike for files written before them)."""
+    caption, source = (_floats(c) for c in table_score_columns(table))
+    alpha = _floats(table["alpha"].to_pylist()) if "alpha" in table.column_names else None
     if alpha is None:
         alpha = np.full(len(caption), np.nan)
     return SampleScores(alpha[is_ed], caption[is_ed], source[is_ed], caption[is_real])
+
+
+def _floats(values: list[float | None]) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], np.float64)
 
 
 def _mean_same_class_cos(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> float:
@@ -176,7 +164,7 @@ def from_table(table: Any, seed: int = 0) -> Retention:
     if not r.real:
         return r
     if r.edsam:
-        r.scores = _sample_scores(table, img, txt, is_real, is_ed)
+        r.scores = _sample_scores(table, is_real, is_ed)
     classes = sorted(set(label[is_real]))
     r.classes = len(classes)
     if r.classes < 2:

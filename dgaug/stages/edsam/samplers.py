@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from dgaug.stages.edsam.transport import EpsFn, ddim_sample
 
-log = logging.getLogger(__name__)
-
-SamplerName = Literal["ddim", "dpmpp_2m", "euler", "lcm"]
 SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "euler", "lcm")
 # Samplers that draw noise between steps: each sample gets its own generator, so a sample's
 # pixels do not depend on the batch it was made in.

@@ -81,12 +81,12 @@ class EdsamStage(ModelStage):
             allow_large_on_cpu=cfg.allow_cpu,
         )
         if cfg.lora is not None:
+            from dgaug.models.ldm import compile_ldm
             from dgaug.models.ldm_addons import attach_lora
 
             attach_lora(self._ldm, cfg.lora)
             if cfg.compile:
-                mode = "max-autotune-no-cudagraphs" if self._ldm.device.type == "cuda" else None
-                self._ldm.unet.compile(mode=mode)
+                compile_ldm(self._ldm)
         if cfg.decoder == "tiny":
             from dgaug.models.ldm_addons import attach_tiny_decoder
 
