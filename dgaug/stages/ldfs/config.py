@@ -42,12 +42,14 @@ def _check_template(template: str, slot: str) -> str:
 class LdfsConfig(BaseModel):
     """LDFS feature synthesis: a text-guided mapper from source CLIP image features to target domains.
 
-    `method: lads` is the LADS baseline (one MLP per target domain, per-class text directions).
-    `method: ldfs` is this project's reconstruction of LDFS (arXiv 2405.02586): a residual mapper
-    conditioned on the target domain's text embedding, trained with per-instance text directions
-    under stochastic text noise, a consistency loss and a pairwise regularizer. How e_k is formed,
-    how the noise is tied between conditioning and directions, the attribute sampling, the class
-    weights and the early stopping are reconstructions, documented in `fit.py`.
+    `method: lads` is the LADS baseline, equal to LADS's code at 5dc41d6 (one MLP per target
+    domain, per-class text directions, transformers 4.x AdamW, its selection and defaults: fields
+    it leaves unset take `LADS_DEFAULTS`). `method: ldfs` is this project's reconstruction of LDFS
+    (arXiv 2405.02586): a residual mapper conditioned on the target domain's (or the instance's)
+    text embedding, trained with per-instance text directions under stochastic text noise, a
+    consistency loss and a pairwise regularizer. How e_k is formed, how the noise is tied between
+    conditioning and directions, the attribute choice, the anchored pairwise term and the early
+    stopping are reconstructions, documented in `fit.py`.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -18,8 +18,14 @@ project's reconstruction:
   the caption (caption datasets) or the class text, with one attribute sampled uniformly per
   instance per step (the same attribute in the source and every target text) when an attributes
   mapping is given. Which one is decided with the consistency loss (`consistency`).
+- options (issue 18): `condition: instance` conditions the shared mapper on the instance's own
+  noisy text at target k instead of e_k (the same vector its direction starts from), in training
+  and at synthesis; `attribute_choice: per_image` fixes each image's top-k attributes by CLIP
+  similarity of its feature to the source texts "<class text>, <attribute>"; `pairwise:
+  anchored` adds the batch variance of cos(f_i, f_hat_i) to L_pr.
 - losses: lambda_ld L_ld + lambda_cons L_cons + lambda_pr L_pr, averaged over targets; all
-  targets are trained in every step.
+  targets are trained in every step. With noise, the curve's `noise_cos` is the mean cos of the
+  noisy and the clean direction: how far sigma turns the direction the mapper learns.
 - class weights of the class-consistency CE (both methods): LADS's 1/count scaled to max 1,
   counted over the training split only (LADS methods/augmentations.py:289,327).
 - selection (`selection`): the state with the lowest validation loss is kept. `row_mean`: the
