@@ -312,8 +312,15 @@ def test_mappers_compute_what_they_document() -> None:
         {"method": "ldfs"},
         {"method": "ldfs", "mapper": "per_domain"},
         {"method": "lads"},
+        {
+            "condition": "instance",
+            "pairwise": "anchored",
+            "selection": "lads",
+            "optimizer": "hf_adamw",
+            "source_domain": ["photo", "real photo"],
+        },
     ],
-    ids=["ldfs-shared", "ldfs-per-domain", "lads"],
+    ids=["ldfs-shared", "ldfs-per-domain", "lads", "ldfs-options"],
 )
 def test_fit_is_bit_reproducible_lowers_the_loss_and_synthesizes(space, source, kw) -> None:
     cfg = cfg_(**kw)
