@@ -11,6 +11,8 @@
     photo features alone, or with LADS- or LDFS-synthesized sketch and painting features, scored
     on real sketch and painting features (named targets, never seen) and on cartoon features (not
     a target); mean and std over seeds.
+(3) Text noise. How far sigma turns the direction (curve.json's `noise_cos`), without training,
+    on the controlled space's texts (D = 64) and on 768-d texts as close as CLIP's (cos 0.9).
 
     python bench/ldfs.py                    # defaults: N = 100k, 2 epochs, 3 seeds (~2-3 min)
     python bench/ldfs.py --n 20000 --seeds 1 --threads 1
@@ -44,7 +46,8 @@ from dgaug.stages.ldfs.data import SourceFeatures  # noqa: E402
 from dgaug.stages.ldfs.fit import fit  # noqa: E402
 from dgaug.stages.ldfs.mappers import load_mapper  # noqa: E402
 from dgaug.stages.ldfs.synthesis import synthesize  # noqa: E402
-from tests.controlled_space import compare_probes  # noqa: E402
+from dgaug.stages.ldfs.texts import TextBank  # noqa: E402
+from tests.controlled_space import HARD, compare_probes, make_space  # noqa: E402
 
 PACKAGES = ("dgaug", "torch", "numpy", "pydantic")
 DIM = 768
@@ -103,6 +106,69 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def close_texts(dim: int, cos: float):
+    """A text encoder where "a {domain} of a {label}" of one label and two domains have cos `cos`
+    (CLIP's "a photo of a dog" and "a sketch of a dog" are about 0.8-0.9 apart): normalize(u_label
+    + beta v_domain) with random, nearly orthogonal u and v, beta = sqrt(1 / cos - 1)."""
+    beta = (1 / cos - 1) ** 0.5
+
+    def vec(name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed("close", dim, name))
+        return F.normalize(torch.randn(dim, generator=g), dim=-1)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        out = []
+        for t in texts:
+            if " of a " not in t:  # a bare domain description (e_k)
+                out.append(vec("domain:" + t))
+                continue
+            domain, label = t.removeprefix("a ").split(" of a ", 1)
+            out.append(vec("label:" + label) + beta * vec("domain:" + domain))
+        return F.normalize(torch.stack(out), dim=-1)
+
+    return encode
+
+
+def noise_turn(sigmas: list[float]) -> list[dict[str, Any]]:
+    """Mean cos(noisy Delta, clean Delta) per sigma: what `noise_cos` in curve.json reports.
+
+    Texts: the controlled space's (D = 64), and CLIP-like ones at D = 768 whose source and target
+    texts of a class have cos 0.9 (`close_texts`); photo features of 10 classes, the targets
+    sketch and painting, one draw per row and target, no training.
+    """
+    sp = make_space(**HARD)
+    x, labels, keys = sp.images("photo", 40, seed=0)
+    settings = [
+        ("controlled space, D 64", sp.text, x),
+        (
+            "cos 0.9 texts, D 768",
+            close_texts(DIM, 0.9),
+            # one source text: the features do not enter the directions, any will do
+            F.normalize(
+                torch.randn(len(keys), DIM, generator=torch.Generator().manual_seed(0)), -1
+            ),
+        ),
+    ]
+    out = []
+    for name, text, feats in settings:
+        data = SourceFeatures(keys=keys, features=feats, labels=labels)
+        rows = torch.arange(len(keys))
+        for sigma in sigmas:
+            cfg = LdfsConfig(targets=list(PROBE_TARGETS), sigma=sigma)
+            bank = TextBank(data, text, cfg, None, torch.device("cpu"))
+            _, _, cos = bank.step_texts(rows, feats, torch.Generator().manual_seed(0), True)
+            src, tgt = bank.instance[0, bank.offset], bank.instance[1, bank.offset]
+            out.append(
+                {
+                    "texts": name,
+                    "sigma": sigma,
+                    "noise_cos": float(cos) if cos is not None else 1.0,
+                    "cos_source_target_text": float((src * tgt).sum(-1).mean()),
+                }
+            )
+    return out
+
+
 def probe_accuracy(seeds: int, epochs: int) -> dict[str, Any]:
     per_seed = []
     for s in range(seeds):
@@ -141,6 +207,8 @@ def main() -> None:
         variants.append({"method": "lads"})
     timing = time_fit(args.n, args.epochs, variants)
     probes = probe_accuracy(args.seeds, args.probe_epochs)
+    sigmas = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1]
+    turn = noise_turn(sigmas)
 
     print(f"Machine: {machine_line(machine)}; torch threads {torch.get_num_threads()}")
     print()
@@ -204,6 +272,26 @@ def main() -> None:
             ],
         )
     )
+    print()
+    print(
+        "Text noise: mean cos(noisy Delta, clean Delta) over photo rows of 10 classes and the "
+        "targets sketch and painting, one draw each (curve.json's noise_cos)."
+    )
+    print()
+    names = list(dict.fromkeys(t["texts"] for t in turn))
+    print(
+        format_table(
+            ["texts", "cos(source, target text)", *[f"sigma {v}" for v in sigmas]],
+            [
+                [
+                    name,
+                    f"{[t for t in turn if t['texts'] == name][0]['cos_source_target_text']:.2f}",
+                    *[f"{t['noise_cos']:.3f}" for t in turn if t["texts"] == name],
+                ]
+                for name in names
+            ],
+        )
+    )
     path = write_json(
         args.out,
         {
@@ -214,6 +302,7 @@ def main() -> None:
             "synthesize(): all rows x targets x 1 draw",
             "timing": timing,
             "controlled_space": probes,
+            "noise_turn": turn,
         },
     )
     print(f"\nWrote {path}")

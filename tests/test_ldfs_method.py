@@ -231,7 +231,9 @@ def test_instance_directions_without_noise_reduce_to_lads(space, source) -> None
     cfg = cfg_(sigma=0.0)
     bank = TextBank(source, space.text, cfg, None, torch.device("cpu"))
     rows = torch.arange(len(source.keys))
-    delta, cond = bank.step_texts(rows, torch.Generator().manual_seed(0), shared=True)
+    f = source.features
+    delta, cond, noise_cos = bank.step_texts(rows, f, torch.Generator().manual_seed(0), True)
+    assert noise_cos is None  # no noise, nothing turned
     # LADS's per-class directions, built here from the text encoder directly
     classes = sorted(set(source.labels))
     t_src = space.text([f"a photo of a {c}" for c in classes])
@@ -240,7 +242,6 @@ def test_instance_directions_without_noise_reduce_to_lads(space, source) -> None
     y = label_ids(source.labels, classes)
     assert torch.allclose(delta, lads_delta[:, y], atol=1e-6)
     assert torch.allclose(cond, space.text(TARGETS)[:, None].expand_as(cond))
-    f = source.features
     g_f = f + 0.3 * unit(2, len(y), f.shape[1], seed=9)  # any mapped features, both targets
     ld = local_direction_loss(f, g_f, delta, keep_leading=True)
     lads = lads_direction_loss(f, g_f, lads_delta, y, keep_leading=True)
@@ -260,9 +261,11 @@ def test_noise_and_attributes_make_directions_instance_specific(space, source) -
     )
     assert "a photo of a car" in prompts and "a photo of a dog" not in prompts
     rows = torch.tensor([i for i, lab in enumerate(source.labels) if lab == "dog"])
-    d1, c1 = bank.step_texts(rows, torch.Generator().manual_seed(5), shared=True)
-    d2, _ = bank.step_texts(rows, torch.Generator().manual_seed(5), shared=True)
-    d3, _ = bank.step_texts(rows, torch.Generator().manual_seed(6), shared=True)
+    f = source.features[rows]
+    d1, c1, turned = bank.step_texts(rows, f, torch.Generator().manual_seed(5), True)
+    d2, _, _ = bank.step_texts(rows, f, torch.Generator().manual_seed(5), True)
+    d3, _, _ = bank.step_texts(rows, f, torch.Generator().manual_seed(6), True)
+    assert turned is not None and 0 < float(turned) < 1  # the noise turns the direction
     assert torch.equal(d1, d2) and not torch.equal(d1, d3)
     assert len({tuple(r.tolist()) for r in d1[0].round(decimals=4)}) == len(rows)  # all differ
     assert torch.allclose(d1.norm(dim=-1), torch.ones(d1.shape[:2]), atol=1e-5)
@@ -309,8 +312,15 @@ def test_mappers_compute_what_they_document() -> None:
         {"method": "ldfs"},
         {"method": "ldfs", "mapper": "per_domain"},
         {"method": "lads"},
+        {
+            "condition": "instance",
+            "pairwise": "anchored",
+            "selection": "lads",
+            "optimizer": "hf_adamw",
+            "source_domain": ["photo", "real photo"],
+        },
     ],
-    ids=["ldfs-shared", "ldfs-per-domain", "lads"],
+    ids=["ldfs-shared", "ldfs-per-domain", "lads", "ldfs-options"],
 )
 def test_fit_is_bit_reproducible_lowers_the_loss_and_synthesizes(space, source, kw) -> None:
     cfg = cfg_(**kw)

@@ -18,25 +18,37 @@ project's reconstruction:
   the caption (caption datasets) or the class text, with one attribute sampled uniformly per
   instance per step (the same attribute in the source and every target text) when an attributes
   mapping is given. Which one is decided with the consistency loss (`consistency`).
+- options (issue 18): `condition: instance` conditions the shared mapper on the instance's own
+  noisy text at target k instead of e_k (the same vector its direction starts from), in training
+  and at synthesis; `attribute_choice: per_image` fixes each image's top-k attributes by CLIP
+  similarity of its feature to the source texts "<class text>, <attribute>"; `pairwise:
+  anchored` adds the batch variance of cos(f_i, f_hat_i) to L_pr.
 - losses: lambda_ld L_ld + lambda_cons L_cons + lambda_pr L_pr, averaged over targets; all
-  targets are trained in every step.
+  targets are trained in every step. With noise, the curve's `noise_cos` is the mean cos of the
+  noisy and the clean direction: how far sigma turns the direction the mapper learns.
 - class weights of the class-consistency CE (both methods): LADS's 1/count scaled to max 1,
-  counted over all source rows (train and validation split).
-- selection: the state with the lowest validation loss is kept; the validation noise and
-  attributes are drawn from the same seed every epoch so that epochs compare. With per-target
-  weights (`per_domain`, `lads`) each target's weights are selected (and stopped) on their own,
-  as LADS trains and checkpoints one network per domain; the gradient is the sum over targets,
-  so jointly training the independent networks equals training them one by one.
+  counted over the training split only (LADS methods/augmentations.py:289,327).
+- selection (`selection`): the state with the lowest validation loss is kept. `row_mean`: the
+  mean over validation rows in a fixed order, with the validation noise and attributes drawn from
+  the same seed every epoch so that epochs compare; `lads`: LADS's, the unweighted mean of batch
+  losses over the validation split reshuffled every epoch (methods/augmentations.py:295,336-347,
+  397). With per-target weights (`per_domain`, `lads`) each target's weights are selected (and
+  stopped, with `patience`) on their own, as LADS trains and checkpoints one network per domain;
+  the gradient is the sum over targets, so jointly training the independent networks on the same
+  batches equals training them one by one.
+- optimizer (`optimizer`): torch's AdamW, or transformers 4.x's that LADS uses (`optim`).
 
-LADS's mapper is described in `mappers`; its L_cls uses the class texts at `source_domain`
-("a photo of a {label}" by default, as LADS).
+LADS's mapper is described in `mappers`; its L_cls uses the class texts "a photo of a {label}"
+whatever the source domain (`class_text`), or with `target_class_texts` the target's
+(DOM_SPECIFIC_XE). With several source descriptions each image's direction starts from the one
+most similar to it (`TextBank.source_texts`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +68,7 @@ from dgaug.stages.ldfs.losses import (
     pairwise_loss,
 )
 from dgaug.stages.ldfs.mappers import PerDomainMapper, SharedMapper, build_mapper
+from dgaug.stages.ldfs.optim import HFAdamW
 from dgaug.stages.ldfs.texts import TextBank, cpu_generator
 
 
@@ -69,6 +82,42 @@ class FitResult:
     info: dict[str, Any]
 
 
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of n source rows, each sorted; seeded by `seed` alone."""
+    perm = torch.randperm(n, generator=cpu_generator(derive_seed(seed, "split")))
+    n_val = int(n * val_fraction)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def epoch_orders(
+    train_rows: torch.Tensor, val_rows: torch.Tensor, seed: int, reshuffle_val: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per epoch, (training order, validation order): the rows in the order they are batched.
+
+    The training rows are reshuffled every epoch; the validation rows too with `reshuffle_val`
+    (LADS's val DataLoader shuffles, methods/augmentations.py:295), else they keep their order.
+    """
+    shuffle = cpu_generator(derive_seed(seed, "shuffle"))
+    val_shuffle = cpu_generator(derive_seed(seed, "val_shuffle"))
+    while True:
+        train = train_rows[torch.randperm(len(train_rows), generator=shuffle)]
+        val = val_rows
+        if reshuffle_val:
+            val = val_rows[torch.randperm(len(val_rows), generator=val_shuffle)]
+        yield train, val
+
+
+def initial_mapper(cfg: LdfsConfig, dim: int, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The mapper `fit` starts from (nn.Linear's init, drawn from a generator seeded by `seed`)."""
+    return build_mapper(cfg, dim, cpu_generator(derive_seed(seed, "init"))).to(dtype)
+
+
+def make_optimizer(cfg: LdfsConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "hf_adamw":  # LADS methods/augmentations.py:325
+        return HFAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _batch_losses(
     mapper: nn.Module,
     bank: TextBank,
@@ -79,26 +128,35 @@ def _batch_losses(
     class_weights: torch.Tensor | None,
     logit_scale: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-target total loss [K] and per-target components of one batch."""
+    """Per-target total loss [K] and per-target components of one batch (+ `noise_cos`)."""
     y = bank.y[rows] if bank.y is not None else None
+    class_text = bank.target_class_text if cfg.target_class_texts else bank.class_text
     if cfg.method == "lads":
-        assert y is not None
+        # LADS methods/augmentations.py:375-383
+        assert y is not None and class_text is not None
         g_f = mapper.raw(f, None)
-        l_dir = lads_direction_loss(f, g_f, bank.lads_directions(), y, keep_leading=True)
-        l_cls = class_consistency_loss(g_f, bank.class_text, y, class_weights, keep_leading=True)
+        l_dir = lads_direction_loss(f, g_f, bank.lads_directions(f, y), keep_leading=True)
+        l_cls = class_consistency_loss(g_f, class_text, y, class_weights, keep_leading=True)
         a = cfg.lads_alpha
         return a * l_dir + (1 - a) * l_cls, {"dir": l_dir, "cls": l_cls}
-    delta, cond = bank.step_texts(rows, generator, isinstance(mapper, SharedMapper))
+    shared = isinstance(mapper, SharedMapper)
+    delta, cond, noise_cos = bank.step_texts(
+        rows, f, generator, shared, instance_condition=cfg.condition == "instance"
+    )
     f_hat = mapper(f, cond)
     l_ld = local_direction_loss(f, f_hat, delta, keep_leading=True)
     if y is not None and bank.mode == "class":
-        l_cons = class_consistency_loss(f_hat, bank.class_text, y, class_weights, keep_leading=True)
+        assert class_text is not None
+        l_cons = class_consistency_loss(f_hat, class_text, y, class_weights, keep_leading=True)
     else:
         cap = bank.caption_text(rows)
         l_cons = caption_contrastive_loss(f_hat, cap, logit_scale, keep_leading=True)
-    l_pr = pairwise_loss(f, f_hat, keep_leading=True)
+    l_pr = pairwise_loss(f, f_hat, keep_leading=True, anchored=cfg.pairwise == "anchored")
     total = cfg.lambda_ld * l_ld + cfg.lambda_cons * l_cons + cfg.lambda_pr * l_pr
-    return total, {"ld": l_ld, "cons": l_cons, "pr": l_pr}
+    parts = {"ld": l_ld, "cons": l_cons, "pr": l_pr}
+    if noise_cos is not None:
+        parts["noise_cos"] = noise_cos.expand(total.shape)
+    return total, parts
 
 
 def _epoch(
@@ -112,9 +170,14 @@ def _epoch(
     logit_scale: float,
     optimizer: torch.optim.Optimizer | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One pass over `rows` (training when an optimizer is given); per-target means."""
+    """One pass over `rows` (training when an optimizer is given); per-target means.
+
+    The mean over batches of the batch losses (`selection: lads`, as LADS's
+    methods/augmentations.py:392,397), or over rows (`row_mean`: a short last batch counts less).
+    """
     total_sum: torch.Tensor | None = None
     parts_sum: dict[str, torch.Tensor] = {}
+    weight_sum = 0
     for start in range(0, len(rows), cfg.batch_size):
         r = rows[start : start + cfg.batch_size]
         with torch.set_grad_enabled(optimizer is not None):
@@ -125,13 +188,13 @@ def _epoch(
             optimizer.zero_grad(set_to_none=True)
             total.sum().backward()  # the sum: independent per-target nets get their own gradient
             optimizer.step()
-        w = len(r)
+        w = 1 if cfg.selection == "lads" else len(r)
+        weight_sum += w
         total_sum = total.detach() * w + (0 if total_sum is None else total_sum)
         for name, v in parts.items():
             parts_sum[name] = v.detach() * w + parts_sum.get(name, 0)
     assert total_sum is not None
-    n = len(rows)
-    return total_sum / n, {k: v / n for k, v in parts_sum.items()}
+    return total_sum / weight_sum, {k: v / weight_sum for k, v in parts_sum.items()}
 
 
 def fit(
@@ -145,32 +208,37 @@ def fit(
 ) -> FitResult:
     """Train the mapper `cfg` describes on `data`; return the selected state and the loss curve.
 
-    Trains where `data.features` lives (CPU or GPU). `attributes` is the content of the file that
+    Trains where `data.features` lives (CPU or GPU), in float32, or in float64 when the features
+    are float64 (the state is then float64 too). `attributes` is the content of the file that
     `cfg.attributes` names ({label: [attribute, ...]}); `logit_scale` is the CLIP model's (caption
     consistency only). Every distinct prompt is encoded once, before training: for caption data
-    that is (1 + targets) x N prompts, held as float32 embeddings during the fit.
+    that is (sources + targets) x N prompts, held as embeddings during the fit. The rows, their
+    order and the init come from `split_rows`, `epoch_orders` and `initial_mapper`.
     """
     check_data(data)
     if cfg.attributes is not None and attributes is None:
         raise ValueError(f"cfg.attributes names {cfg.attributes}: pass its content as `attributes`")
     device = data.features.device
-    x = F.normalize(data.features.detach().float(), dim=-1)
+    dtype = torch.float64 if data.features.dtype == torch.float64 else torch.float32
+    x = F.normalize(data.features.detach().to(dtype), dim=-1)
     n, dim = x.shape
-    bank = TextBank(data, text, cfg, attributes, device)
+    bank = TextBank(data, text, cfg, attributes, device, dtype)
+    if bank.mode == "class" and cfg.attribute_choice == "per_image" and bank.sample_attributes:
+        bank.choose_attributes_per_image(x, cfg.attribute_top_k)
 
-    perm = torch.randperm(n, generator=cpu_generator(derive_seed(seed, "split")))
-    n_val = int(n * cfg.val_fraction)
-    val_rows = perm[:n_val].sort().values.to(device)
-    train_rows = perm[n_val:].sort().values.to(device)
+    train_rows, val_rows = split_rows(n, cfg.val_fraction, seed)
+    n_val = len(val_rows)
 
     class_weights = None
     if bank.mode == "class":
         assert bank.y is not None
-        class_weights = lads_class_weights(bank.y, len(bank.classes)).to(device)
+        # LADS methods/augmentations.py:289,327: the training split's counts only.
+        y_train = bank.y[train_rows.to(device)]
+        class_weights = lads_class_weights(y_train, len(bank.classes), dtype).to(device)
 
-    mapper = build_mapper(cfg, dim, cpu_generator(derive_seed(seed, "init"))).to(device)
-    optimizer = torch.optim.AdamW(mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    shuffle = cpu_generator(derive_seed(seed, "shuffle"))
+    mapper = initial_mapper(cfg, dim, seed, dtype).to(device)
+    optimizer = make_optimizer(cfg, mapper.parameters())
+    orders = epoch_orders(train_rows, val_rows, seed, reshuffle_val=cfg.selection == "lads")
     noise = cpu_generator(derive_seed(seed, "noise"))
     per_target = isinstance(mapper, PerDomainMapper)
     units = len(cfg.targets) if per_target else 1
@@ -182,17 +250,33 @@ def fit(
     curve: list[dict[str, float]] = []
     stopped_early = False
     for epoch in range(1, cfg.epochs + 1):
+        train_order, val_order = next(orders)
         mapper.train()
-        order = train_rows[torch.randperm(len(train_rows), generator=shuffle).to(device)]
         tr, tr_parts = _epoch(
-            mapper, bank, cfg, x, order, noise, class_weights, logit_scale, optimizer
+            mapper,
+            bank,
+            cfg,
+            x,
+            train_order.to(device),
+            noise,
+            class_weights,
+            logit_scale,
+            optimizer,
         )
         mapper.eval()
         if n_val:
             # The same draws every epoch: a change of the loss is the mapper's, not the noise's.
             val_gen = cpu_generator(derive_seed(seed, "val"))
             va, va_parts = _epoch(
-                mapper, bank, cfg, x, val_rows, val_gen, class_weights, logit_scale, None
+                mapper,
+                bank,
+                cfg,
+                x,
+                val_order.to(device),
+                val_gen,
+                class_weights,
+                logit_scale,
+                None,
             )
             score = va
         else:
@@ -206,7 +290,7 @@ def fit(
         scores = score.tolist() if per_target else [float(score.mean())]
         state = mapper.state_dict()
         for u, s in enumerate(scores):
-            if s < best[u]:
+            if s < best[u]:  # strictly lower: the first of equal epochs, as LADS :339
                 best[u], best_epoch[u], since[u] = s, epoch, 0
                 for name, t in state.items():
                     if per_target:
@@ -226,7 +310,8 @@ def fit(
                 log(f"ldfs: no improvement for {cfg.patience} epochs, stopped at epoch {epoch}")
             break
 
-    out_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in best_state.items()}
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out_state = {k: v.detach().to("cpu", out_dtype).contiguous() for k, v in best_state.items()}
     info: dict[str, Any] = {
         "method": cfg.method,
         "mapper": "per_domain" if cfg.method == "lads" else cfg.mapper,
@@ -238,6 +323,8 @@ def fit(
         "n_val": n_val,
         "epochs_run": len(curve),
         "stopped_early": stopped_early,
+        "selection": cfg.selection,
+        "optimizer": cfg.optimizer,
         "selected_on": "val_loss" if n_val else "train_loss",
         "best_loss": sum(best) / len(best),
         "best_loss_per_target": dict(zip(cfg.targets, best, strict=True)) if per_target else None,
@@ -245,6 +332,7 @@ def fit(
         if per_target
         else None,
         "classes": bank.classes,
+        "class_weights": class_weights.tolist() if class_weights is not None else None,
         "target_prompts": list(cfg.targets),
         "class_prompts": bank.class_prompts,
         "n_instance_prompts": len(bank.prompts),

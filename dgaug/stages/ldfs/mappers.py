@@ -1,8 +1,8 @@
 """The mappers from a source feature to a target domain's: LDFS shared, per-domain, and LADS.
 
-LADS as implemented here follows the specification of this project: g(f) is a plain MLP
-(D -> hidden -> D, ReLU, not residual); its output, normalized, is the synthesized feature. (The
-`ResMLP` of LADS's public code, methods/augmentations.py, returns f + MLP(f): a residual map.)
+LADS's mapper is its `MLP` (methods/augmentations.py:242-252): g(f) = fc2(relu(fc1(f))), D ->
+hidden -> D, not residual; its output, normalized, is the synthesized feature (:411-414). (The
+residual `ResMLP` of its methods/predictors.py is not used by LADS's augmentation.)
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def build_mapper(cfg: LdfsConfig, dim: int, generator: torch.Generator | None = 
 
 def load_mapper(state: dict[str, torch.Tensor], cfg: LdfsConfig, dim: int) -> nn.Module:
     """Rebuild a mapper from `FitResult.state` (e.g. read back from safetensors), in eval mode."""
-    mapper = build_mapper(cfg, dim)
-    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    # float64 states (fits on float64 features, in tests) stay float64; anything else is float32.
+    dtype = torch.float64 if next(iter(state.values())).dtype == torch.float64 else torch.float32
+    mapper = build_mapper(cfg, dim).to(dtype)
+    mapper.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return mapper.eval()

@@ -38,14 +38,19 @@ def noisy(e: torch.Tensor, sigma: float, eps: torch.Tensor) -> torch.Tensor:
     return F.normalize(e + sigma * eps, dim=-1)
 
 
-def encode_texts(text: TextEncoder, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """Embeddings of `prompts` ([n, D] float32 on `device`), each distinct prompt encoded once."""
+def encode_texts(
+    text: TextEncoder,
+    prompts: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Embeddings of `prompts` ([n, D] `dtype` on `device`), each distinct prompt encoded once."""
     index: dict[str, int] = {}
     for p in prompts:
         index.setdefault(p, len(index))
     unique = list(index)
     parts = [
-        text(unique[i : i + TEXT_CHUNK]).detach().to(device=device, dtype=torch.float32)
+        text(unique[i : i + TEXT_CHUNK]).detach().to(device=device, dtype=dtype)
         for i in range(0, len(unique), TEXT_CHUNK)
     ]
     emb = F.normalize(torch.cat(parts), dim=-1)
@@ -69,9 +74,10 @@ def resolve_mode(data: SourceFeatures, cfg: LdfsConfig) -> str:
 class TextBank:
     """Every text embedding training needs, encoded once; noisy draws per step come from here.
 
-    Class mode: `instance[d, v]` for domain d (0: source, 1+k: target k) and text variant v
-    (a label, or a label with one of its attributes); `class_text[c]`: class c at the source
-    domain. Caption mode: `instance[d, i]` for source row i. `domain_text[k]`: e_k.
+    Class mode: `instance[d, v]` for domain d (0..S-1: the sources, S+k: target k) and text
+    variant v (a label, or a label with one of its attributes); `class_text[c]`: the class texts
+    of the consistency loss; `target_class_text[k, c]`: class c at target k. Caption mode:
+    `instance[d, i]` for source row i. `domain_text[k]`: e_k.
     """
 
     def __init__(
@@ -81,10 +87,14 @@ class TextBank:
         cfg: LdfsConfig,
         attributes: dict[str, list[str]] | None,
         device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.mode = resolve_mode(data, cfg)
         self.sigma = 0.0 if cfg.method == "lads" else cfg.sigma
-        domains = [cfg.source_domain, *cfg.targets]
+        sources = cfg.source_domains
+        self.n_sources = len(sources)
+        self.n_targets = len(cfg.targets)
+        domains = [*sources, *cfg.targets]
         self.classes: list[str] = sorted(set(data.labels)) if data.labels is not None else []
         cls_idx = {c: i for i, c in enumerate(self.classes)}
         self.y = (
@@ -92,6 +102,7 @@ class TextBank:
             if data.labels is not None
             else None
         )
+        target_class_prompts: list[str] = []
         if self.mode == "class":
             # LADS's directions are per class: attributes only refine LDFS's instance texts.
             attrs = (attributes or {}) if cfg.method == "ldfs" else {}
@@ -111,9 +122,14 @@ class TextBank:
                 for c, a in variants
             ]
             n = len(variants)
-            class_prompts = [
-                cfg.class_template.format(domain=cfg.source_domain, label=c) for c in self.classes
-            ]
+            template = cfg.class_text or cfg.class_template.replace("{domain}", sources[0])
+            class_prompts = [template.format(label=c) for c in self.classes]
+            if cfg.target_class_texts:
+                target_class_prompts = [
+                    cfg.class_template.format(domain=t, label=c)
+                    for t in cfg.targets
+                    for c in self.classes
+                ]
         else:
             assert data.captions is not None
             prompts = [
@@ -126,12 +142,40 @@ class TextBank:
             self.sample_attributes = False
         self.prompts = prompts
         self.class_prompts = class_prompts
-        emb = encode_texts(text, prompts + class_prompts + list(cfg.targets), device)
+        emb = encode_texts(
+            text,
+            prompts + class_prompts + target_class_prompts + list(cfg.targets),
+            device,
+            dtype,
+        )
         k = len(domains) * n
+        c = len(class_prompts)
         self.instance = emb[:k].reshape(len(domains), n, -1)
-        self.class_text = emb[k : k + len(class_prompts)]
-        self.domain_text = emb[k + len(class_prompts) :]
+        self.class_text = emb[k : k + c]
+        self.target_class_text = (
+            emb[k + c : k + c + len(target_class_prompts)].reshape(self.n_targets, c, -1)
+            if target_class_prompts
+            else None
+        )
+        self.domain_text = emb[k + c + len(target_class_prompts) :]
         self.dim = emb.shape[1]
+        self.per_image: torch.Tensor | None = None  # [N, top_k] columns: attribute_choice per_image
+
+    def choose_attributes_per_image(self, f: torch.Tensor, top_k: int) -> None:
+        """Fix each row's `top_k` best attribute columns: highest f . T_src(class, attribute).
+
+        f: [N, D] features of the bank's rows. Classes with fewer attributes repeat their best.
+        """
+        assert self.y is not None and self.mode == "class"
+        src = self.instance[0]  # the (first) source's texts of every variant
+        cols = []
+        for i in range(len(f)):
+            c = int(self.y[i])
+            o, m = int(self.offset[c]), int(self.count[c])
+            sims = src[o : o + m] @ f[i]
+            best = sims.topk(min(top_k, m)).indices + o
+            cols.append(best.repeat((top_k + len(best) - 1) // len(best))[:top_k])
+        self.per_image = torch.stack(cols)
 
     def text_rows(self, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Which instance column each source row uses this step (attributes sampled here)."""
@@ -139,31 +183,69 @@ class TextBank:
             return rows
         assert self.y is not None
         y = self.y[rows]
+        if self.per_image is not None:
+            choices = self.per_image[rows]
+            if choices.shape[1] == 1 or generator is None:
+                return choices[:, 0]
+            u = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(rows.device)
+            pick = (u * choices.shape[1]).long().clamp(max=choices.shape[1] - 1)
+            return choices.gather(1, pick[:, None])[:, 0]
         if not self.sample_attributes or generator is None:
             return self.offset[y]
         u = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(rows.device)
         pick = (u * self.count[y]).long().clamp(max=self.count[y] - 1)
         return self.offset[y] + pick
 
+    def source_texts(self, f: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Each row's source text [B, D]: of several sources, the one most similar to its feature.
+
+        LADS methods/augmentations.py:356-358: argmax over source prompts of f . T_src[:, y].
+        """
+        src = self.instance[: self.n_sources, cols]  # [S, B, D]
+        if self.n_sources == 1:
+            return src[0]
+        best = (src * f[None]).sum(-1).argmax(0)  # [B]
+        return src[best, torch.arange(len(cols), device=cols.device)]
+
     def step_texts(
-        self, rows: torch.Tensor, generator: torch.Generator | None, shared: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Delta [K, B, D], cond [K, B, D] or None) for source `rows`, noisy when sigma > 0."""
+        self,
+        rows: torch.Tensor,
+        f: torch.Tensor,
+        generator: torch.Generator | None,
+        shared: bool,
+        instance_condition: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(Delta [K, B, D], cond [K, B, D] or None, mean cos(noisy Delta, clean Delta) or None).
+
+        The texts of source `rows` (features f [B, D]), noisy when sigma > 0. cond is e_k, or
+        with `instance_condition` the instance's (noisy) text at target k.
+        """
         cols = self.text_rows(rows, generator)
-        src, tgt = self.instance[0, cols], self.instance[1:, cols]
-        cond = self.domain_text[:, None, :].expand_as(tgt) if shared else None
+        src, tgt = self.source_texts(f, cols), self.instance[self.n_sources :, cols]
+        cond = None
+        if shared:
+            cond = tgt if instance_condition else self.domain_text[:, None, :].expand_as(tgt)
+        noise_cos = None
         if self.sigma > 0 and generator is not None:
-            eps = randn(tgt.shape, generator, tgt.device)
+            clean = F.normalize(tgt - src, dim=-1)
+            eps = randn(tgt.shape, generator, tgt.device).to(tgt.dtype)
             tgt = noisy(tgt, self.sigma, eps)
             if cond is not None:  # the same eps: the conditioning names the noisy direction
-                cond = noisy(cond, self.sigma, eps)
+                cond = tgt if instance_condition else noisy(cond, self.sigma, eps)
             src = stochastic_text(src, self.sigma, generator)
-        return F.normalize(tgt - src, dim=-1), cond
+            delta = F.normalize(tgt - src, dim=-1)
+            noise_cos = (delta * clean).sum(-1).mean()
+            return delta, cond, noise_cos
+        return F.normalize(tgt - src, dim=-1), cond, noise_cos
 
-    def lads_directions(self) -> torch.Tensor:
-        """Per target and class: normalize(T_tgt[c] - T_src[c]), [K, C, D]."""
-        cols = self.offset
-        return F.normalize(self.instance[1:, cols] - self.instance[0, cols][None], dim=-1)
+    def lads_directions(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per target and row: normalize(T_tgt[y] - T_src[s, y]), s the row's best source; [K, B, D].
+
+        LADS methods/augmentations.py:349-364 (get_direction_vectors).
+        """
+        cols = self.offset[y]
+        src = self.source_texts(f, cols)
+        return F.normalize(self.instance[self.n_sources :, cols] - src[None], dim=-1)
 
     def caption_text(self, rows: torch.Tensor) -> torch.Tensor:
         return self.instance[0, rows]
