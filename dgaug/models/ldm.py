@@ -14,9 +14,10 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dgaug.core.constants import TINY, TOY_LDM
+from dgaug.models import ldm_sdxl
 from dgaug.models.errors import ModelError, brief, code_in_pickle
 from dgaug.models.ldm_presets import (
     ddim_scheduler,
@@ -40,6 +41,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# SDXL's second text encoder (OpenCLIP bigG, with its projection) and its tokenizer.
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +63,20 @@ class LatentDiffusion:
     # A cheap decoder (AutoencoderTiny, TAESD's format) used instead of the VAE's decoder.
     tiny_decoder: Any = None
     tiny_decoder_id: str | None = None
+    # SDXL: the second text encoder and tokenizer; whether its unconditional row is all zeros
+    # (the checkpoint's force_zeros_for_empty_prompt, true for SDXL base and Turbo).
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = True
+    _xl_pipe: Any = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.text_encoder_2.config.projection_dim) if self.sdxl else 0
 
     @property
     def num_train_timesteps(self) -> int:
@@ -99,7 +116,15 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        """Captions -> text-encoder hidden states [B, L, D] in self.dtype (L = 77 for CLIP)."""
+        """Captions -> text-encoder hidden states [B, L, D] in self.dtype (L = 77 for CLIP).
+
+        SDXL: [B, L + 1, D], its pooled embedding packed as the last row (ldm_sdxl.pack)."""
+        if self.sdxl:
+            if self._xl_pipe is None:
+                self._xl_pipe = ldm_sdxl.xl_pipeline(self)
+            return ldm_sdxl.encode_prompts(self._xl_pipe, list(captions), self.device).to(
+                self.dtype
+            )
         ids = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -109,6 +134,22 @@ class LatentDiffusion:
         ).input_ids.to(self.device)
         # SD conditions on all 77 positions without an attention mask; so do we.
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_unconditional(self) -> torch.Tensor:
+        """The unconditional row of classifier-free guidance, [1, L, D]: the empty caption's
+        embedding, or zeros where SDXL's force_zeros_for_empty_prompt says so (diffusers' SDXL
+        pipeline without a negative prompt)."""
+        empty = self.encode_text([""])
+        return torch.zeros_like(empty) if self.sdxl and self.force_zeros_for_empty_prompt else empty
+
+    def _cond_kwargs(self, cond: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
+        """The UNet's text inputs for rows `cond` and latents z: hidden states, and for SDXL the
+        pooled embedding and size ids as added conditioning."""
+        if not self.sdxl:
+            return {"encoder_hidden_states": cond}
+        hw = (int(z.shape[-2]), int(z.shape[-1]))
+        return ldm_sdxl.unet_kwargs(cond, self.pooled_dim, hw, self.vae_scale_factor)
 
     def predict_noise(
         self,
@@ -132,16 +173,15 @@ class LatentDiffusion:
             # An LCM-distilled UNet takes the guidance scale as an embedding, in one row.
             w = guidance_embedding(torch.full((b,), guidance - 1.0), proj)
             w = w.to(self.device, self.dtype)
-            out = self.unet(z, t, encoder_hidden_states=cond, timestep_cond=w).sample.float()
+            out = self.unet(z, t, timestep_cond=w, **self._cond_kwargs(cond, z)).sample.float()
         elif uncond is None or guidance == 1.0:
-            out = self.unet(z, t, encoder_hidden_states=cond).sample.float()
+            out = self.unet(z, t, **self._cond_kwargs(cond, z)).sample.float()
         else:
             uncond = _batch(uncond.to(self.device, self.dtype), b)
             # One forward over [uncond; cond]: one launch per layer instead of two.
+            zz = torch.cat([z, z])
             both = self.unet(
-                torch.cat([z, z]),
-                torch.cat([t, t]),
-                encoder_hidden_states=torch.cat([uncond, cond]),
+                zz, torch.cat([t, t]), **self._cond_kwargs(torch.cat([uncond, cond]), zz)
             ).sample.float()
             out_u, out_c = both.chunk(2)
             out = out_u + guidance * (out_c - out_u)
@@ -269,6 +309,17 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[
         scheduler = ddim_scheduler(
             DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
         )
+        sdxl: dict[str, Any] = {}
+        if ldm_sdxl.is_sdxl(unet.config) and (local is None or (local / "text_encoder_2").is_dir()):
+            component = "text_encoder_2"
+            sdxl["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", local_files_only=local_only, **{dtype_kw: dtype}
+            )
+            component = "tokenizer_2"
+            sdxl["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                source, subfolder="tokenizer_2", local_files_only=local_only
+            )
+            sdxl["force_zeros_for_empty_prompt"] = _force_zeros(source, local_only)
     except ModelError:
         raise
     except Exception as exc:  # any loader failure becomes one actionable line
@@ -296,11 +347,29 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "scheduler": scheduler,
+        **sdxl,
     }
 
 
+def _force_zeros(source: str, local_only: bool) -> bool:
+    """An SDXL checkpoint's force_zeros_for_empty_prompt (model_index.json); the pipeline's
+    default (true) when the file is absent."""
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        index = StableDiffusionXLPipeline.load_config(source, local_files_only=local_only)
+    except Exception:  # no model_index.json: components saved one by one
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
 def _check_supported(
-    model_id: str, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler
+    model_id: str,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    text_encoder: CLIPTextModel | None = None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> None:
     # Caught here, in one line, rather than as a shape error deep in the first UNet call.
     kind = scheduler.config.prediction_type
@@ -314,9 +383,12 @@ def _check_supported(
             f"{model_id}'s UNet takes {cfg.in_channels} channels, its VAE gives "
             f"{vae.config.latent_channels} (an inpainting model?); use a text-to-image model"
         )
-    if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+    if ldm_sdxl.is_sdxl(cfg):
+        ldm_sdxl.check_sdxl(model_id, unet, text_encoder, text_encoder_2)
+    elif cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
         raise ModelError(
-            f"{model_id}'s UNet needs extra conditioning (SDXL-style); use an SD-1.x/2.x model"
+            f"{model_id}'s UNet needs extra conditioning ({cfg.addition_embed_type or 'class'} "
+            "embeddings) dgaug does not build; use an SD-1.x/2.x or SDXL model"
         )
 
 
@@ -342,16 +414,19 @@ def from_components(
     vae: AutoencoderKL = components["vae"]
     unet: UNet2DConditionModel = components["unet"]
     text_encoder: CLIPTextModel = components["text_encoder"]
+    text_encoder_2 = components.get("text_encoder_2")
     scheduler = components["scheduler"]
     if not isinstance(scheduler, DDIMScheduler):
         scheduler = ddim_scheduler(scheduler.config)
-    _check_supported(model_id, unet, vae, scheduler)
+    _check_supported(model_id, unet, vae, scheduler, text_encoder, text_encoder_2)
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     # Frozen: a caller that backpropagates to z_t must not build gradients for the weights.
-    for m in (vae, unet, text_encoder):
+    for m in (vae, unet, *encoders):
         m.requires_grad_(False).eval()
     move_module(vae, dev, _vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
     move_module(unet, dev, dt)
-    move_module(text_encoder, dev, dt)
+    for m in encoders:
+        move_module(m, dev, dt)
     # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA).
     # set_default_attn_processor() would pick the unfused AttnProcessor, so set it explicitly.
     unet.set_attn_processor(AttnProcessor2_0())
@@ -369,6 +444,9 @@ def from_components(
         tiny=tiny,
         device=dev,
         dtype=dt,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=components.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=bool(components.get("force_zeros_for_empty_prompt", True)),
     )
     if compile:
         compile_ldm(ldm)
