@@ -249,7 +249,10 @@ def _local_folder(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"model {spec!r} is a file; give a folder in diffusers layout")
+            raise ModelError(
+                f"model {spec!r} is a file; give a folder in diffusers layout or a single-file "
+                ".safetensors checkpoint"
+            )
         missing = [f"{name}/" for name in SUBFOLDERS if not (path / name).is_dir()]
         if missing:
             raise ModelError(
@@ -482,15 +485,31 @@ def load_ldm(
     compile: bool = False,
     allow_large_on_cpu: bool = False,
     seed: int = 0,
+    config: str | None = None,
 ) -> LatentDiffusion:
-    """Load "tiny-random", "toy-ldm" (the shipped toy model), a hub id or a local diffusers folder;
-    ModelError in one line if not."""
+    """Load "tiny-random", "toy-ldm" (the shipped toy model), a hub id, a local diffusers folder,
+    or a single-file .safetensors checkpoint (`config`: a local diffusers folder of its
+    architecture); ModelError in one line if not."""
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     if spec == TINY:
         parts = tiny_random_components(seed)
         return from_components(
             parts, model_id=spec, tiny=True, device=dev, dtype=dt, compile=compile
+        )
+    from dgaug.models import ldm_single_file as single
+
+    if single.is_single_file(spec):
+        path, _ = single.check_single_file(spec, config)
+        if dev.type == "cpu" and not allow_large_on_cpu and path.stat().st_size > SMALL_UNET_BYTES:
+            raise ModelError(
+                f"{spec} is a full-size model; on CPU it would take hours per shard. "
+                "Use a GPU, or set allow_cpu: true to run it anyway"
+            )
+        log.info("loading single-file %s on %s as %s", spec, dev, dt)
+        parts = single.single_file_components(spec, config, dt)
+        return from_components(
+            parts, model_id=spec, tiny=False, device=dev, dtype=dt, compile=compile
         )
     toy = spec == TOY_LDM
     local = toy_path(spec) if toy else _local_folder(spec)
