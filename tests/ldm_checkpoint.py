@@ -1,6 +1,6 @@
-"""A diffusers-layout SD-1.x model written as an original (CompVis LDM) single-file checkpoint:
-the key layout of the .safetensors files users download, for any UNet / VAE config, so the
-single-file loader can be tested on a tiny random model."""
+"""A diffusers-layout SD-1.x or SDXL model written as an original (CompVis LDM / SGM) single-file
+checkpoint: the key layout of the .safetensors files users download, for any UNet / VAE config,
+so the single-file loader can be tested on a tiny random model."""
 
 from __future__ import annotations
 
@@ -127,7 +127,9 @@ def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+def text_to_ldm(
+    text_encoder: torch.nn.Module, prefix: str = "cond_stage_model.transformer."
+) -> dict[str, torch.Tensor]:
     """The HF CLIP text tower's keys under SD-1's prefix, as `text_model.*` (transformers >= 5.6
     flattens CLIPTextModel's keys; the checkpoints keep the wrapper's names)."""
     out = {}
@@ -135,8 +137,44 @@ def text_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
         if k.endswith("position_ids"):
             continue
         name = k if k.startswith("text_model.") else f"text_model.{k}"
-        out[f"cond_stage_model.transformer.{name}"] = v
+        out[prefix + name] = v
     return out
+
+
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+
+
+def open_clip_to_ldm(text_encoder: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's own layout (SDXL's second encoder): one fused
+    q/k/v projection per layer, the text projection as a [hidden, proj] matrix."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        "ln_final.bias": sd.pop("final_layer_norm.bias"),
+        "text_projection": sd.pop("text_projection.weight").T,
+    }
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer = f"encoder.layers.{i}."
+        block = f"transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            qkv = [sd.pop(f"{layer}self_attn.{p}_proj.{param}") for p in "qkv"]
+            out[f"{block}attn.in_proj_{param}"] = torch.cat(qkv)
+        for k in [k for k in sd if k.startswith(layer)]:
+            rest = k[len(layer) :]
+            for old, new in _OPEN_CLIP_LAYER.items():
+                rest = rest.replace(old, new)
+            out[block + rest] = sd.pop(k)
+    sd.pop("embeddings.position_ids", None)
+    assert not sd, f"unmapped text keys {sorted(sd)}"
+    return {prefix + k: v for k, v in out.items()}
 
 
 def write_sd1_checkpoint(parts: dict[str, Any], path: Path) -> Path:
@@ -145,6 +183,19 @@ def write_sd1_checkpoint(parts: dict[str, Any], path: Path) -> Path:
         **unet_to_ldm(parts["unet"]),
         **vae_to_ldm(parts["vae"]),
         **text_to_ldm(parts["text_encoder"]),
+    }
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def write_sdxl_checkpoint(parts: dict[str, Any], path: Path) -> Path:
+    """Save an SDXL model's unet, vae and both text encoders as one SGM-layout .safetensors file
+    (the layout of sd_xl_base_1.0.safetensors)."""
+    state = {
+        **unet_to_ldm(parts["unet"]),
+        **vae_to_ldm(parts["vae"]),
+        **text_to_ldm(parts["text_encoder"], "conditioner.embedders.0.transformer."),
+        **open_clip_to_ldm(parts["text_encoder_2"], "conditioner.embedders.1.model."),
     }
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

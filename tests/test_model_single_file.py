@@ -85,3 +85,51 @@ def test_a_single_file_is_billed_with_its_config_folders_shapes(
     )
     folder, _ = edsam_flops(EdsamConfig(model=str(config), image_size=32))
     assert single is not None and single == folder
+
+
+@pytest.mark.slow  # an SDXL pipeline saved, written as one file and loaded
+def test_an_sdxl_single_file_loads_with_its_sources_weights(tmp_path: Path) -> None:
+    """SGM's layout (sd_xl_base_1.0.safetensors): the first encoder under
+    conditioner.embedders.0, the second in OpenCLIP's own layout under conditioner.embedders.1.
+    The two encoders differ in width, as SDXL's do (diffusers tells them apart by it)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dgaug.models.ldm_presets import (
+        SD_SCHEDULER_CONFIG,
+        TINY_SDXL_UNET_CONFIG,
+        TINY_TEXT_CONFIG,
+        TINY_VAE_CONFIG,
+    )
+    from dgaug.models.tokenizer import clip_tokenizer
+    from tests.ldm_checkpoint import write_sdxl_checkpoint
+
+    torch.manual_seed(4)
+    text_2 = {**TINY_TEXT_CONFIG, "hidden_size": 48, "hidden_act": "gelu"}
+    unet = {
+        **TINY_SDXL_UNET_CONFIG,
+        "cross_attention_dim": 32 + 48,
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    }
+    parts = {
+        "unet": UNet2DConditionModel(**unet),
+        "vae": AutoencoderKL(**TINY_VAE_CONFIG),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**text_2)),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
+        "scheduler": EulerDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG),
+    }
+    StableDiffusionXLPipeline(**parts, add_watermarker=False).save_pretrained(tmp_path / "config")
+    path = write_sdxl_checkpoint(parts, tmp_path / "xl.safetensors")
+    ldm = load_ldm(str(path), device="cpu", config=str(tmp_path / "config"))
+    assert ldm.sdxl
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(ldm, name).state_dict(), parts[name].state_dict()
+        assert set(got) == set(want), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
