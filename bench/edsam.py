@@ -8,6 +8,8 @@ device's measured dense matmul rate allows (bf16 on a GPU, float32 on a CPU).
 
     python bench/edsam.py                              # CPU: tiny-random models, 64 px
     python bench/edsam.py --device cuda --model sd15   # GPU: SD-1.5-shaped random weights, 512 px
+    python bench/edsam.py --device cuda --model sdxl   # GPU: SDXL-shaped, 1024 px (no img2img)
+    python bench/edsam.py --recipe fast-xl --model tiny-xl --image-size 64   # CPU smoke of SDXL
     bash bench/edsam_gpu.sh                            # the whole GPU measurement in one call
 
 Random weights: the time of a forward pass does not depend on the values of the weights.
@@ -277,17 +279,23 @@ def build_ldm(args: argparse.Namespace) -> Any:
         sd15_shaped_random_components,
         tiny_random_components,
     )
-    from dgaug.models.ldm_presets import sd21_shaped_random_components
+    from dgaug.models.ldm_presets import (
+        sd21_shaped_random_components,
+        sdxl_shaped_random_components,
+        tiny_sdxl_random_components,
+    )
 
     make = {
         "sd15": sd15_shaped_random_components,
         "sd21": sd21_shaped_random_components,
+        "sdxl": sdxl_shaped_random_components,
         "tiny": tiny_random_components,
+        "tiny-xl": tiny_sdxl_random_components,
     }[args.model]
     ldm = from_components(
         make(0),
         model_id=f"{args.model}-random",
-        tiny=args.model == "tiny",
+        tiny=args.model in TINY_MODELS,
         device=args.device,
         dtype=args.dtype,
     )
@@ -299,7 +307,7 @@ def build_ldm(args: argparse.Namespace) -> Any:
         # 2x VAE gets the same blocks with one upsampling.
         blocks = (
             {}
-            if args.model != "tiny"
+            if args.model not in TINY_MODELS
             else {
                 "encoder_block_out_channels": (64, 64),
                 "decoder_block_out_channels": (64, 64),
@@ -320,7 +328,8 @@ def flops_per_sample(ldm: Any, args: argparse.Namespace) -> dict[str, float]:
     z = torch.zeros(1, ldm.latent_channels, s // f, s // f, device=ldm.device, dtype=ldm.dtype)
     c = ldm.encode_text(["a photo"])
     t = torch.tensor([500], device=ldm.device)
-    unet = count_flops(lambda: ldm.unet(z, t, encoder_hidden_states=c))
+    # One unguided row through the LDM's own call: SDXL's added conditioning included.
+    unet = count_flops(lambda: ldm.predict_noise(z, t, c))
     enc = count_flops(lambda: ldm.vae.encode(x))
     dec = count_flops(lambda: ldm.decode(z))  # the tiny decoder when attached
     rows = 2 if args.guidance != 1.0 else 1
@@ -344,7 +353,12 @@ def measure(name: str, fn: Callable[[], int], device: torch.device, repeats: int
     return {"system": name, "samples": made, "seconds": best, "samples_per_s": made / best, **peak}
 
 
-# The README's recipes (SD-1.5 / SD-Turbo shapes with random weights: the work, not the pixels).
+TINY_MODELS = ("tiny", "tiny-xl")
+
+# The README's recipes (SD-1.5 / SD-Turbo / SDXL shapes with random weights: the work, not the
+# pixels). paper-xl is the paper recipe on SDXL at its native 1024 px; fast-xl the fast recipe on
+# SDXL-Turbo's shapes at 512 px (the size Turbo was distilled at). A flag given with --recipe
+# overrides the recipe's value.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"model": "sd15", "start": "inverted", "sampler": "ddim", "steps": 20,
               "guidance": 5.0, "decoder": "vae"},
@@ -352,6 +366,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "guidance": 3.0, "decoder": "vae"},
     "fast": {"model": "sd21", "start": "inverted", "sampler": "ddim", "steps": 2,
              "guidance": 1.0, "decoder": "tiny"},
+    "paper-xl": {"model": "sdxl", "image_size": 1024, "start": "inverted", "sampler": "ddim",
+                 "steps": 20, "guidance": 5.0, "decoder": "vae"},
+    "fast-xl": {"model": "sdxl", "image_size": 512, "start": "inverted", "sampler": "ddim",
+                "steps": 2, "guidance": 1.0, "decoder": "tiny"},
 }  # fmt: skip
 
 
@@ -360,8 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--model",
-        choices=["tiny", "sd15", "sd21"],
-        help="default: sd15 on cuda, tiny on cpu; sd21: SD-2.1-base / SD-Turbo shapes",
+        choices=["tiny", "tiny-xl", "sd15", "sd21", "sdxl"],
+        help="default: sd15 on cuda, tiny on cpu; sd21: SD-2.1-base / SD-Turbo shapes; sdxl: "
+        "SDXL / SDXL-Turbo shapes; tiny-xl: a tiny SDXL (CPU smoke)",
     )
     p.add_argument(
         "--recipe",
@@ -372,7 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder", default="vae", choices=["vae", "tiny"], help="tiny: TAESD's shapes")
     p.add_argument("--no-baseline", action="store_true", help="skip diffusers' img2img loop")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--image-size", type=int, help="default: 512 for sd15, 64 for tiny")
+    p.add_argument(
+        "--image-size", type=int, help="default: 1024 for sdxl, 512 for sd15/sd21, 64 for tiny"
+    )
     p.add_argument("--images", type=int, default=8, help="source images per timed run")
     p.add_argument("--samples", type=int, default=10, help="M, samples per source image")
     p.add_argument("--steps", type=int, default=20)
@@ -397,14 +418,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="JSON result (default bench/results/edsam-DEVICE.json)")
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe:  # the recipe's values as defaults: a flag given beside it wins
+        p.set_defaults(**RECIPES[recipe])
     args = p.parse_args(argv)
-    if args.recipe:
-        for k, v in RECIPES[args.recipe].items():
-            setattr(args, k, v)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.model = args.model or ("sd15" if args.device == "cuda" else "tiny")
-    args.image_size = args.image_size or (64 if args.model == "tiny" else 512)
+    default_size = {"sdxl": 1024, "sd15": 512, "sd21": 512}
+    args.image_size = args.image_size or default_size.get(args.model, 64)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     return args
 
@@ -440,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     images = source_images(args.images, args.image_size)
     base_images = images[: args.baseline_images or args.images]
     # diffusers' img2img loop is the like-for-like baseline of the latent start, DDIM, VAE decode.
-    baseline = not args.no_baseline and args.sampler == "ddim" and args.decoder == "vae"
+    # SDXL has no like-for-like loop here (its img2img pipeline adds its own conditioning).
+    baseline = (
+        not args.no_baseline and args.sampler == "ddim" and args.decoder == "vae" and not ldm.sdxl
+    )
     pipe = img2img_pipeline(ldm) if baseline else None
 
     # The same work: count UNet rows and VAE rows of one source image through both systems.

@@ -2,7 +2,8 @@
 # The whole GPU measurement of the edsam stage in one call, on a machine with torch and a CUDA GPU.
 #
 #   make gpu-wheels            # here: the packages that machine lacks, into .whl/
-#   bash bench/edsam_gpu.sh    # there (carry .whl): the gpu tests, the benchmark at 512 px, the recipes
+#   bash bench/edsam_gpu.sh    # there (carry .whl): the gpu tests, the benchmark at 512 px, the
+#                              # recipes on SD-1.5, SD-Turbo (SD-2.1) and SDXL / SDXL-Turbo shapes
 #
 # Results (JSON and the printed table) go to $OUT when set, else bench/results/.
 set -euo pipefail
@@ -29,3 +30,11 @@ for recipe in paper balanced fast; do
     --no-baseline --output-size 256 --out "$results/edsam-gpu-$recipe.json" 2>&1 \
     | tee "$results/edsam-gpu-$recipe.txt"
 done
+# SDXL shapes (random weights): paper-xl = the paper recipe at 1024 px (~285 TFLOP a sample, so
+# fewer samples), fast-xl = SDXL-Turbo's shapes at 512 px, 2 steps, no CFG, TAESD's decoder.
+python3 bench/edsam.py --device cuda --recipe paper-xl --images 2 --samples 4 --batch-sizes 8 \
+  --repeats 1 --no-baseline --output-size 256 --out "$results/edsam-gpu-paper-xl.json" 2>&1 \
+  | tee "$results/edsam-gpu-paper-xl.txt"
+python3 bench/edsam.py --device cuda --recipe fast-xl --images 8 --batch-sizes 8,32 \
+  --no-baseline --output-size 256 --out "$results/edsam-gpu-fast-xl.json" 2>&1 \
+  | tee "$results/edsam-gpu-fast-xl.txt"

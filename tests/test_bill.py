@@ -114,3 +114,30 @@ def test_an_lcm_unet_is_billed_one_row_per_step(tmp_path: Path) -> None:
     one, _ = edsam_flops(EdsamConfig(model=str(lcm), image_size=32, steps=4, guidance=8.0))
     two, _ = edsam_flops(EdsamConfig(model=str(sd1), image_size=32, steps=4, guidance=8.0))
     assert two > one * 1.5  # the same UNet shape but for the w-embedding: about twice the work
+
+
+def test_an_sdxl_folder_is_billed_with_both_encoders_and_its_added_conditioning(
+    tmp_path: Path,
+) -> None:
+    """An SDXL folder's UNet is counted with its pooled text and size ids (it cannot run
+    without them) and the caption with both text encoders."""
+    from dgaug.models.flops import ldm_flops
+    from tests.test_model_families import save_family
+
+    xl = ldm_flops(str(save_family(tmp_path / "xl", "sdxl")), 32)
+    sd1 = ldm_flops(str(save_family(tmp_path / "sd1", "sd1 (epsilon)")), 32)
+    assert xl is not None and xl["unet_row"] > 0
+    assert xl["text_encode"] > 1.9 * sd1["text_encode"]
+
+
+@pytest.mark.slow  # SDXL's UNet counted on meta tensors at 1024 px
+def test_sdxl_shapes_are_billed_at_1024_px() -> None:
+    """SDXL 1.0 base at 1024 px (128 x 128 latents): one UNet row ~6.76 TFLOP, about 8.4x
+    SD-1.5's at 512; SDXL-Turbo is the same architecture."""
+    from dgaug.models.flops import ldm_flops
+
+    xl = ldm_flops("stabilityai/stable-diffusion-xl-base-1.0", 1024)
+    assert xl["unet_row"] == pytest.approx(6.76e12, rel=0.01)
+    assert xl["vae_decode"] == pytest.approx(10.47e12, rel=0.01)
+    turbo = ldm_flops("stabilityai/sdxl-turbo", 512)
+    assert turbo["unet_row"] == pytest.approx(1.59e12, rel=0.01)

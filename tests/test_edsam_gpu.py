@@ -44,3 +44,17 @@ def test_worst_objective_on_cuda(tmp_path: Path, shard: Path) -> None:
         best = max(rec["candidate_scores"])
         # The chosen candidate scores highest; a refinement is kept only if it scores higher still.
         assert rec["reference_loss"] > best if rec["refined"] else rec["reference_loss"] == best
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_sdxl_folder_samples_on_cuda(tmp_path: Path, shard: Path, dtype: str) -> None:
+    """A tiny SDXL loaded by path: its added conditioning and zero unconditional row on CUDA in
+    half precision (the VAE kept in float32 for float16), reproducible."""
+    from tests.test_model_families import save_family
+
+    folder = save_family(tmp_path / "xl", "sdxl")
+    cfg = {"device": "cuda", "dtype": dtype, "model": str(folder), "steps": 3}
+    result, first = run_stage(tmp_path, shard, "a", **cfg)
+    _, again = run_stage(tmp_path, shard, "b", **cfg)
+    assert result.samples == 6
+    assert [s["jpg"] for s in first] == [s["jpg"] for s in again]

@@ -64,7 +64,8 @@ def _steps_run(start: str, steps: int) -> int:
 def edsam_flops(cfg: Any) -> tuple[float | None, list[str]]:
     """FLOPs per ED-SAM sample: the guided denoising steps and the decode, plus each source's
     encode, caption and (inverted) inversion shared by its M samples, plus worst's scoring."""
-    parts = ldm_flops(cfg.model, cfg.image_size)
+    # A single-file checkpoint's shapes are those of its config folder.
+    parts = ldm_flops(cfg.model_config_dir or cfg.model, cfg.image_size)
     if parts is None:
         return None, [f"{cfg.model}: shapes unknown offline (no local config)"]
     m = cfg.samples_per_image

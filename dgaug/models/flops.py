@@ -14,7 +14,7 @@ from dgaug.core.constants import TINY, TOY_LDM
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: SDXL's second text encoder and added conditioning counted
 
 
 def cache_file() -> Path:
@@ -95,12 +95,20 @@ def ldm_configs(spec: str) -> dict[str, Any] | None:
             "vae": presets.SD15_VAE_CONFIG,
             "text": presets.SD21_TEXT_CONFIG,
         }
+    if spec in SDXL_SHAPED:
+        return {
+            "unet": presets.SDXL_UNET_CONFIG,
+            "vae": presets.SDXL_VAE_CONFIG,
+            "text": presets.SD15_TEXT_CONFIG,
+            "text_2": presets.SDXL_TEXT_2_CONFIG,
+        }
     folder = toy_path(spec) if spec == TOY_LDM else Path(spec).expanduser()
     try:
         if folder.is_dir():
             read = {
                 k: json.loads((folder / sub / "config.json").read_text())
-                for k, sub in (("unet", "unet"), ("vae", "vae"), ("text", "text_encoder"))
+                for k, sub in _CONFIG_FILES
+                if k != "text_2" or (folder / sub).is_dir()
             }
         else:
             from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -117,6 +125,10 @@ def ldm_configs(spec: str) -> dict[str, Any] | None:
                     spec, subfolder="text_encoder", local_files_only=True
                 ).to_dict(),
             }
+            if read["unet"].get("addition_embed_type") == "text_time":
+                read["text_2"] = CLIPTextConfig.from_pretrained(
+                    spec, subfolder="text_encoder_2", local_files_only=True
+                ).to_dict()
     except Exception as e:  # not offline, or not a diffusers layout: the bill says "unknown"
         log.info("no offline config for %s: %s", spec, e)
         return None
@@ -126,7 +138,15 @@ def ldm_configs(spec: str) -> dict[str, Any] | None:
 # Architectures fixed by their name: the cache key needs no config (and no torch import).
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_SHAPED = ("stabilityai/sd-turbo", "stabilityai/stable-diffusion-2-1-base")
-_NAMED_LDMS = (TINY, TOY_LDM, SD15, *SD21_SHAPED)
+SDXL_SHAPED = ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")
+_NAMED_LDMS = (TINY, TOY_LDM, SD15, *SD21_SHAPED, *SDXL_SHAPED)
+# A diffusers folder's config files: (key, subfolder); text_2 only in SDXL's.
+_CONFIG_FILES = (
+    ("unet", "unet"),
+    ("vae", "vae"),
+    ("text", "text_encoder"),
+    ("text_2", "text_encoder_2"),
+)
 
 
 def _ldm_key(spec: str, image_size: int) -> str | None:
@@ -136,7 +156,9 @@ def _ldm_key(spec: str, image_size: int) -> str | None:
     if folder.is_dir():
         try:
             texts = [
-                (folder / s / "config.json").read_text() for s in ("unet", "vae", "text_encoder")
+                (folder / s / "config.json").read_text()
+                for k, s in _CONFIG_FILES
+                if k != "text_2" or (folder / s).is_dir()
             ]
         except OSError:
             return None
@@ -160,26 +182,36 @@ def ldm_flops(spec: str, image_size: int) -> dict[str, float] | None:
 def _count_ldm(configs: dict[str, Any], image_size: int) -> dict[str, float]:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"]).eval()
         vae = AutoencoderKL.from_config(configs["vae"]).eval()
-        text = CLIPTextModel(CLIPTextConfig(**configs["text"])).eval()
+        texts = [CLIPTextModel(CLIPTextConfig(**configs["text"])).eval()]
+        if "text_2" in configs:
+            texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])).eval())
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         side = image_size // f
         x = torch.zeros(1, 3, image_size, image_size)
         z = torch.zeros(1, vae.config.latent_channels, side, side)
-        ids = torch.zeros(1, text.config.max_position_embeddings, dtype=torch.long)
-        hidden = torch.zeros(
-            1, text.config.max_position_embeddings, unet.config.cross_attention_dim
-        )
+        length = texts[0].config.max_position_embeddings
+        ids = torch.zeros(1, length, dtype=torch.long)
+        cond: dict[str, Any] = {
+            "encoder_hidden_states": torch.zeros(1, length, unet.config.cross_attention_dim)
+        }
+        if unet.config.get("addition_embed_type") == "text_time":
+            # SDXL's added conditioning: the pooled text and its six size ids.
+            pooled = texts[-1].config.projection_dim
+            cond["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(1, pooled),
+                "time_ids": torch.zeros(1, 6),
+            }
         t = torch.tensor([500])
         return {
-            "unet_row": count_flops(lambda: unet(z, t, encoder_hidden_states=hidden)),
+            "unet_row": count_flops(lambda: unet(z, t, **cond)),
             "vae_encode": count_flops(lambda: vae.encode(x)),
             "vae_decode": count_flops(lambda: vae.decode(z)),
-            "text_encode": count_flops(lambda: text(ids)),
+            "text_encode": sum(count_flops(lambda m=m: m(ids)) for m in texts),
             "scale_factor": float(f),
             # LCM-distilled UNets take the guidance scale as an embedding: one row, never two.
             "guidance_embedded": float(bool(unet.config.get("time_cond_proj_dim"))),

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from packaging.version import Version
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dgaug.core.constants import TINY, TOY_LDM
-from dgaug.models.errors import ModelError, brief, code_in_pickle
+from dgaug.models import ldm_sdxl
+from dgaug.models.errors import ModelError
+from dgaug.models.ldm_load import (
+    SDXL_SUBFOLDERS,
+    SMALL_UNET_BYTES,
+    SUBFOLDERS,
+    from_pretrained_parts,
+    local_folder,
+    unet_bytes,
+    vae_dtype,
+)
 from dgaug.models.ldm_presets import (
     ddim_scheduler,
     sd15_shaped_random_components,
     tiny_random_components,
 )
-from dgaug.models.runtime import hub_offline, resolve_device
+from dgaug.models.runtime import resolve_device
 from dgaug.models.toy import toy_path
 
 # The random-weight parts are part of this module's interface (benchmarks and tests build models
 # from them); they live with the configs they are built from.
 __all__ = [
+    "SDXL_SUBFOLDERS",
     "SUBFOLDERS",
     "LatentDiffusion",
     "from_components",
@@ -38,8 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +65,20 @@ class LatentDiffusion:
     # A cheap decoder (AutoencoderTiny, TAESD's format) used instead of the VAE's decoder.
     tiny_decoder: Any = None
     tiny_decoder_id: str | None = None
+    # SDXL: the second text encoder and tokenizer; whether its unconditional row is all zeros
+    # (the checkpoint's force_zeros_for_empty_prompt, true for SDXL base and Turbo).
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = True
+    _xl_pipe: Any = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.text_encoder_2.config.projection_dim) if self.sdxl else 0
 
     @property
     def num_train_timesteps(self) -> int:
@@ -99,7 +118,15 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        """Captions -> text-encoder hidden states [B, L, D] in self.dtype (L = 77 for CLIP)."""
+        """Captions -> text-encoder hidden states [B, L, D] in self.dtype (L = 77 for CLIP).
+
+        SDXL: [B, L + 1, D], its pooled embedding packed as the last row (ldm_sdxl.pack)."""
+        if self.sdxl:
+            if self._xl_pipe is None:
+                self._xl_pipe = ldm_sdxl.xl_pipeline(self)
+            return ldm_sdxl.encode_prompts(self._xl_pipe, list(captions), self.device).to(
+                self.dtype
+            )
         ids = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -109,6 +136,22 @@ class LatentDiffusion:
         ).input_ids.to(self.device)
         # SD conditions on all 77 positions without an attention mask; so do we.
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_unconditional(self) -> torch.Tensor:
+        """The unconditional row of classifier-free guidance, [1, L, D]: the empty caption's
+        embedding, or zeros where SDXL's force_zeros_for_empty_prompt says so (diffusers' SDXL
+        pipeline without a negative prompt)."""
+        empty = self.encode_text([""])
+        return torch.zeros_like(empty) if self.sdxl and self.force_zeros_for_empty_prompt else empty
+
+    def _cond_kwargs(self, cond: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
+        """The UNet's text inputs for rows `cond` and latents z: hidden states, and for SDXL the
+        pooled embedding and size ids as added conditioning."""
+        if not self.sdxl:
+            return {"encoder_hidden_states": cond}
+        hw = (int(z.shape[-2]), int(z.shape[-1]))
+        return ldm_sdxl.unet_kwargs(cond, self.pooled_dim, hw, self.vae_scale_factor)
 
     def predict_noise(
         self,
@@ -132,16 +175,15 @@ class LatentDiffusion:
             # An LCM-distilled UNet takes the guidance scale as an embedding, in one row.
             w = guidance_embedding(torch.full((b,), guidance - 1.0), proj)
             w = w.to(self.device, self.dtype)
-            out = self.unet(z, t, encoder_hidden_states=cond, timestep_cond=w).sample.float()
+            out = self.unet(z, t, timestep_cond=w, **self._cond_kwargs(cond, z)).sample.float()
         elif uncond is None or guidance == 1.0:
-            out = self.unet(z, t, encoder_hidden_states=cond).sample.float()
+            out = self.unet(z, t, **self._cond_kwargs(cond, z)).sample.float()
         else:
             uncond = _batch(uncond.to(self.device, self.dtype), b)
             # One forward over [uncond; cond]: one launch per layer instead of two.
+            zz = torch.cat([z, z])
             both = self.unet(
-                torch.cat([z, z]),
-                torch.cat([t, t]),
-                encoder_hidden_states=torch.cat([uncond, cond]),
+                zz, torch.cat([t, t]), **self._cond_kwargs(torch.cat([uncond, cond]), zz)
             ).sample.float()
             out_u, out_c = both.chunk(2)
             out = out_u + guidance * (out_c - out_u)
@@ -198,109 +240,13 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
-    # SD's VAE overflows float16's range in the decoder (NaN / black images; diffusers marks such
-    # VAEs with force_upcast), so it stays float32 there. bfloat16 has float32's range: kept.
-    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
-
-
-def _local_folder(spec: str) -> Path | None:
-    """The folder spec names, None for a hub id; ModelError for a path that is not there."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"model {spec!r} is a file; give a folder in diffusers layout")
-        missing = [f"{name}/" for name in SUBFOLDERS if not (path / name).is_dir()]
-        if missing:
-            raise ModelError(
-                f"model folder {spec!r} is not in diffusers layout: missing {', '.join(missing)}"
-            )
-        return path
-    # A hub id is exactly "owner/name"; anything else is a path that is not there.
-    if spec.startswith(("/", ".", "~")) or spec.count("/") != 1 or "\\" in spec:
-        raise ModelError(
-            f"model folder {spec!r} does not exist (nor is it a hub id like owner/name); "
-            "check the path in the manifest"
-        )
-    return None
-
-
-def _from_pretrained(spec: str, dtype: torch.dtype, local: Path | None) -> dict[str, Any]:
-    source = str(local) if local is not None else spec
-    local_only = local is not None or hub_offline()
-    # Without accelerate, diffusers first initializes every weight at random (a full extra copy
-    # and seconds of CPU) and prints a multi-line notice; say it once, in one line, instead.
-    low_mem = importlib.util.find_spec("accelerate") is not None
-    if not low_mem:
-        log.warning(
-            "accelerate is not installed: loading %s will be slower and use 2x memory", spec
-        )
-    # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name.
-    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    component = "unet"
-    try:
-        # use_safetensors left at None: safetensors whenever the folder has them, else the
-        # libraries' .bin fallback, which both load with torch.load(weights_only=True).
-        unet = UNet2DConditionModel.from_pretrained(
-            source,
-            subfolder="unet",
-            torch_dtype=dtype,
-            local_files_only=local_only,
-            low_cpu_mem_usage=low_mem,
-        )
-        component = "vae"
-        vae_config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_only)
-        vae = AutoencoderKL.from_pretrained(
-            source,
-            subfolder="vae",
-            torch_dtype=_vae_dtype(dtype, bool(vae_config.get("force_upcast", True))),
-            local_files_only=local_only,
-            low_cpu_mem_usage=low_mem,
-        )
-        component = "text_encoder"
-        text_encoder = CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", local_files_only=local_only, **{dtype_kw: dtype}
-        )
-        component = "tokenizer"
-        tokenizer = CLIPTokenizer.from_pretrained(
-            source, subfolder="tokenizer", local_files_only=local_only
-        )
-        component = "scheduler"
-        scheduler = ddim_scheduler(
-            DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
-        )
-    except ModelError:
-        raise
-    except Exception as exc:  # any loader failure becomes one actionable line
-        code = code_in_pickle(exc)  # diffusers and transformers wrap torch's refusal
-        if code:
-            raise ModelError(
-                f"cannot load {spec!r} ({component}): refused: a weights file in it would run "
-                f"code when unpickled ({code}); weights are read only as safetensors or with "
-                "torch.load(weights_only=True): re-save them as safetensors"
-            ) from exc
-        cause = brief(exc, limit=None)
-        if local is not None:
-            hint = "check that the folder holds a complete diffusers checkpoint"
-        elif local_only:
-            hint = (
-                "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; "
-                "download it where there is internet or give a local folder"
-            )
-        else:
-            hint = "the Hugging Face Hub could not be reached or has no such model"
-        raise ModelError(f"cannot load {spec!r} ({component}): {hint} [{cause}]") from exc
-    return {
-        "vae": vae,
-        "unet": unet,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
-
-
 def _check_supported(
-    model_id: str, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler
+    model_id: str,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    text_encoder: CLIPTextModel | None = None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> None:
     # Caught here, in one line, rather than as a shape error deep in the first UNet call.
     kind = scheduler.config.prediction_type
@@ -314,9 +260,12 @@ def _check_supported(
             f"{model_id}'s UNet takes {cfg.in_channels} channels, its VAE gives "
             f"{vae.config.latent_channels} (an inpainting model?); use a text-to-image model"
         )
-    if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+    if ldm_sdxl.is_sdxl(cfg):
+        ldm_sdxl.check_sdxl(model_id, unet, text_encoder, text_encoder_2)
+    elif cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
         raise ModelError(
-            f"{model_id}'s UNet needs extra conditioning (SDXL-style); use an SD-1.x/2.x model"
+            f"{model_id}'s UNet needs extra conditioning ({cfg.addition_embed_type or 'class'} "
+            "embeddings) dgaug does not build; use an SD-1.x/2.x or SDXL model"
         )
 
 
@@ -342,16 +291,19 @@ def from_components(
     vae: AutoencoderKL = components["vae"]
     unet: UNet2DConditionModel = components["unet"]
     text_encoder: CLIPTextModel = components["text_encoder"]
+    text_encoder_2 = components.get("text_encoder_2")
     scheduler = components["scheduler"]
     if not isinstance(scheduler, DDIMScheduler):
         scheduler = ddim_scheduler(scheduler.config)
-    _check_supported(model_id, unet, vae, scheduler)
+    _check_supported(model_id, unet, vae, scheduler, text_encoder, text_encoder_2)
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     # Frozen: a caller that backpropagates to z_t must not build gradients for the weights.
-    for m in (vae, unet, text_encoder):
+    for m in (vae, unet, *encoders):
         m.requires_grad_(False).eval()
-    move_module(vae, dev, _vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
+    move_module(vae, dev, vae_dtype(dt, bool(getattr(vae.config, "force_upcast", True))))
     move_module(unet, dev, dt)
-    move_module(text_encoder, dev, dt)
+    for m in encoders:
+        move_module(m, dev, dt)
     # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA).
     # set_default_attn_processor() would pick the unfused AttnProcessor, so set it explicitly.
     unet.set_attn_processor(AttnProcessor2_0())
@@ -369,6 +321,9 @@ def from_components(
         tiny=tiny,
         device=dev,
         dtype=dt,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=components.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=bool(components.get("force_zeros_for_empty_prompt", True)),
     )
     if compile:
         compile_ldm(ldm)
@@ -384,18 +339,6 @@ def compile_ldm(ldm: LatentDiffusion) -> None:
     ldm.vae.decoder.compile(mode=mode)
 
 
-# UNet weights up to this size count as small enough for a CPU (SD-1.5's are 1.7-3.4 GB).
-SMALL_UNET_BYTES = 100 * 2**20
-
-
-def _unet_bytes(folder: Path) -> int:
-    """The UNet weights' size in a local diffusers folder; 0 when there are none to measure."""
-    unet = folder / "unet"
-    if not unet.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in unet.iterdir() if p.suffix in (".safetensors", ".bin"))
-
-
 def load_ldm(
     spec: str,
     *,
@@ -404,9 +347,11 @@ def load_ldm(
     compile: bool = False,
     allow_large_on_cpu: bool = False,
     seed: int = 0,
+    config: str | None = None,
 ) -> LatentDiffusion:
-    """Load "tiny-random", "toy-ldm" (the shipped toy model), a hub id or a local diffusers folder;
-    ModelError in one line if not."""
+    """Load "tiny-random", "toy-ldm" (the shipped toy model), a hub id, a local diffusers folder,
+    or a single-file .safetensors checkpoint (`config`: a local diffusers folder of its
+    architecture); ModelError in one line if not."""
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     if spec == TINY:
@@ -414,17 +359,31 @@ def load_ldm(
         return from_components(
             parts, model_id=spec, tiny=True, device=dev, dtype=dt, compile=compile
         )
+    from dgaug.models import ldm_single_file as single
+
+    if single.is_single_file(spec):
+        path, _ = single.check_single_file(spec, config)
+        if dev.type == "cpu" and not allow_large_on_cpu and path.stat().st_size > SMALL_UNET_BYTES:
+            raise ModelError(
+                f"{spec} is a full-size model; on CPU it would take hours per shard. "
+                "Use a GPU, or set allow_cpu: true to run it anyway"
+            )
+        log.info("loading single-file %s on %s as %s", spec, dev, dt)
+        parts = single.single_file_components(spec, config, dt)
+        return from_components(
+            parts, model_id=spec, tiny=False, device=dev, dtype=dt, compile=compile
+        )
     toy = spec == TOY_LDM
-    local = toy_path(spec) if toy else _local_folder(spec)
+    local = toy_path(spec) if toy else local_folder(spec)
     # A model of a few MB (the toy LDM, or another small folder) runs in seconds per shard on a
     # CPU, as the demo does; a full-size one would take hours.
     # No weights to measure (an unknown layout) counts as full size.
-    small = toy or (local is not None and 0 < _unet_bytes(local) <= SMALL_UNET_BYTES)
+    small = toy or (local is not None and 0 < unet_bytes(local) <= SMALL_UNET_BYTES)
     if dev.type == "cpu" and not allow_large_on_cpu and not small:
         raise ModelError(
             f"{spec} is a full-size model; on CPU it would take hours per shard. "
             "Use a GPU, or set allow_cpu: true to run it anyway"
         )
     log.info("loading %s on %s as %s", spec, dev, dt)
-    parts = _from_pretrained(spec, dt, local)
+    parts = from_pretrained_parts(spec, dt, local)
     return from_components(parts, model_id=spec, tiny=False, device=dev, dtype=dt, compile=compile)

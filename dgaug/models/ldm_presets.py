@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from dgaug.models.tokenizer import clip_tokenizer
 
@@ -104,6 +104,42 @@ SD21_TEXT_CONFIG: dict[str, Any] = {
     "hidden_act": "gelu",
 }
 
+# SDXL 1.0 base's shapes (SDXL-Turbo distils the same architecture; 1024 px native, 512 for
+# Turbo): a 3-level UNet with 1/2/10 transformer layers per block, 2048-wide cross-attention (the
+# two encoders' hidden states side by side), and added conditioning: 6 size ids embedded 256-wide
+# each plus the 1280-wide pooled text (6 x 256 + 1280 = 2816). The VAE is SD's architecture with
+# SDXL's latent scale. Text: OpenAI CLIP ViT-L/14's tower and OpenCLIP ViT-bigG/14's (with its
+# projection), both with every layer (SDXL takes their penultimate hidden states).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "sample_size": 128,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+SDXL_TEXT_2_CONFIG: dict[str, Any] = {
+    **SD15_TEXT_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+}
+
 # Small enough that a 64 px image goes through encode, a guided UNet step and decode on CPU in
 # well under a second, shaped like SD (cross-attention in the UNet, a KL VAE, a CLIP text tower).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -146,6 +182,23 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
+# SDXL at tiny size: SDXL's block layout and added conditioning (6 ids x 8 + 32 pooled = 80),
+# two 32-wide text encoders whose hidden states make the 64-wide cross-attention.
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "cross_attention_dim": 64,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+}
+TINY_SDXL_TEXT_2_CONFIG: dict[str, Any] = {**TINY_TEXT_CONFIG, "hidden_act": "gelu"}
+
+
 def ddim_scheduler(config: Any) -> DDIMScheduler:
     """A DDIM scheduler with `config`'s noise schedule."""
     # Always DDIM, whatever the checkpoint shipped (SD-1.5 ships PNDM): the ED-SAM sampler takes
@@ -168,8 +221,26 @@ def sd21_shaped_random_components(seed: int = 0) -> dict[str, Any]:
     return _random_components(SD21_UNET_CONFIG, SD15_VAE_CONFIG, SD21_TEXT_CONFIG, seed)
 
 
+def sdxl_shaped_random_components(seed: int = 0) -> dict[str, Any]:
+    """SDXL 1.0 base's (and SDXL-Turbo's) architecture with random weights, for timing on a GPU."""
+    return _random_components(
+        SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SD15_TEXT_CONFIG, seed, SDXL_TEXT_2_CONFIG
+    )
+
+
+def tiny_sdxl_random_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny SDXL-shaped model (two text encoders, added conditioning) with random weights."""
+    return _random_components(
+        TINY_SDXL_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, seed, TINY_SDXL_TEXT_2_CONFIG
+    )
+
+
 def _random_components(
-    unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any], seed: int
+    unet_cfg: dict[str, Any],
+    vae_cfg: dict[str, Any],
+    text_cfg: dict[str, Any],
+    seed: int,
+    text_2_cfg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # Seed before each model so one model's config never changes another's weights, and leave the
     # caller's global RNG as it was.
@@ -180,7 +251,15 @@ def _random_components(
         unet = UNet2DConditionModel(**unet_cfg)
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        sdxl: dict[str, Any] = {}
+        if text_2_cfg is not None:
+            torch.manual_seed(seed)
+            sdxl["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig(**text_2_cfg)
+            ).eval()
+            sdxl["tokenizer_2"] = clip_tokenizer()
     return {
+        **sdxl,
         "vae": vae.eval(),
         "unet": unet.eval(),
         "text_encoder": text_encoder.eval(),

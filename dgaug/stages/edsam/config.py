@@ -25,7 +25,17 @@ class EdsamConfig(BaseModel):
 
     enabled: bool = True
     model: str = Field(
-        SD15, description="LDM: a hub id, a local diffusers folder, or tiny-random (tests, demo)."
+        SD15,
+        description="LDM: a hub id, a local diffusers folder, a single-file .safetensors "
+        "checkpoint, or tiny-random (tests, demo).",
+    )
+    # Not `model_config`: pydantic reserves that name for a model's own settings.
+    model_config_dir: str | None = Field(
+        None,
+        description="Single-file model only: a local diffusers folder of the checkpoint's "
+        "architecture (model_index.json and each part's config and tokenizer files; its weights "
+        "are not read). null: diffusers infers the architecture and reads its configs from the "
+        "Hugging Face Hub (or the local HF cache).",
     )
     reference_clip: str = Field(
         "ViT-B-32:laion2b_s34b_b79k",
@@ -121,6 +131,15 @@ class EdsamConfig(BaseModel):
     # byte-identical shards. `device: auto` is fingerprinted as written: the worker resolves it.
     PERFORMANCE_FIELDS: ClassVar[frozenset[str]] = frozenset({"enabled", "allow_cpu"})
 
+    @field_validator("model")
+    @classmethod
+    def _not_pickled(cls, v: str) -> str:
+        if v.lower().endswith(".ckpt"):
+            raise ValueError(
+                "a pickled .ckpt checkpoint runs code when loaded; use its .safetensors version"
+            )
+        return v
+
     @field_validator("image_size")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
@@ -134,6 +153,15 @@ class EdsamConfig(BaseModel):
             raise ValueError(
                 "decoder tiny needs tiny_decoder: a local AutoencoderTiny folder (TAESD) or "
                 "tiny-random"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _config_dir_for_single_files(self) -> EdsamConfig:
+        if self.model_config_dir and not self.model.lower().endswith(".safetensors"):
+            raise ValueError(
+                "model_config_dir is only for a single-file .safetensors model; a diffusers "
+                "folder or hub id carries its own configs"
             )
         return self
 

@@ -103,9 +103,10 @@ class EdsamSampler:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def uncond(self) -> torch.Tensor:
-        """The empty caption's embedding, computed once per sampler."""
+        """The unconditional row's conditioning (the empty caption's embedding; zeros for
+        SDXL), computed once per sampler."""
         if self._uncond is None:
-            self._uncond = self.ldm.encode_text([""])
+            self._uncond = self.ldm.encode_unconditional()
         return self._uncond
 
     def _eps_fn(self, cond: torch.Tensor, guidance: float):

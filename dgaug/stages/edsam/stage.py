@@ -79,6 +79,7 @@ class EdsamStage(ModelStage):
             dtype=cfg.dtype,
             compile=cfg.compile and cfg.lora is None,  # compiled after the LoRA is fused
             allow_large_on_cpu=cfg.allow_cpu,
+            config=cfg.model_config_dir,
         )
         if cfg.lora is not None:
             from dgaug.models.ldm import compile_ldm
