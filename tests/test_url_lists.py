@@ -297,6 +297,24 @@ def test_a_finished_split_is_reused_without_opening_the_list(tmp_path, monkeypat
     assert split_url_list(src, 5, storage) == (folder, 3)
 
 
+def test_a_second_dry_run_takes_the_count_of_the_first(tmp_path, monkeypatch):
+    """`dgaug plan` before any run writes nothing in the output; it keeps the count in the user's
+    cache, keyed by the files' stamps, so the next plan does not read the list again."""
+    monkeypatch.setenv("DGAUG_CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "list.tsv"
+    _write_tsv(p, _rows(12))
+    src = _src(p, input_format="tsv")
+    storage = Storage(str(tmp_path / "out"))
+    folder, n = split_url_list(src, 5, storage, dry_run=True)
+    _replace_keeping_size_and_mtime(p, b"\0" * p.stat().st_size)
+    assert split_url_list(src, 5, storage, dry_run=True) == (folder, n) == (folder, 3)
+    assert not (tmp_path / "out").exists()
+    # A new stamp: the list is read again (and these bytes are no tsv with a url column).
+    os.utime(p, ns=(0, p.stat().st_mtime_ns + 10**9))
+    with pytest.raises(SourceError):
+        split_url_list(src, 5, storage, dry_run=True)
+
+
 def test_a_list_rewritten_under_the_same_size_is_noticed(tmp_path):
     p = tmp_path / "list.tsv"
     rows = _rows(12)

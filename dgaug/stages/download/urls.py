@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from urllib.parse import unwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dgaug.core.atomic import atomic_path
 from dgaug.core.hashing import record_hash
 from dgaug.core.storage import DGAUG_DIR, Storage
 from dgaug.sources.errors import SourceError
@@ -86,6 +90,8 @@ def split_url_list(
     folder = f"{INPUTS_DIR}/{record_hash(record, 16)}"
     stamps = file_stamps(paths)
     reused = _reuse_split(storage, folder, stamps, dry_run=dry_run)
+    if reused is None and dry_run:
+        reused = _counted_before(folder, stamps)
     if reused is not None:
         return folder, reused
     paths = src.checked_paths()
@@ -131,7 +137,9 @@ def split_url_list(
             ", ".join(f"{k}: {n}" for k, n in refused.most_common(5)),
             SCHEME_NOT_ALLOWED,
         )
-    if not dry_run:
+    if dry_run:
+        _remember_count(folder, stamps, shard)
+    else:
         storage.write_json(
             f"{folder}/_SUCCESS.json",
             {
@@ -145,6 +153,36 @@ def split_url_list(
         )
         log.info("split %d url(s) from %d file(s) into %d shard(s)", rows, len(paths), shard)
     return folder, shard
+
+
+def _count_file(folder: str) -> Path:
+    """Where a dry run keeps the shard count of a list it read (it writes nothing in the output):
+    $DGAUG_CACHE_DIR (or $XDG_CACHE_HOME/dgaug, ~/.cache/dgaug) / splits / <fp>.json."""
+    root = os.environ.get("DGAUG_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dgaug"
+    )
+    return Path(root) / "splits" / f"{folder.rsplit('/', 1)[-1]}.json"
+
+
+def _counted_before(folder: str, stamps: list[dict[str, Any]]) -> int | None:
+    """The count an earlier dry run found for these very files (same stamps), else None."""
+    try:
+        data = json.loads(_count_file(folder).read_text())
+        return int(data["shards"]) if data.get("stamps") == stamps else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_count(folder: str, stamps: list[dict[str, Any]], shards: int) -> None:
+    if any(s["stamp"] is None for s in stamps):
+        return  # a file without a change stamp: nothing would tell that it changed
+    path = _count_file(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps({"shards": shards, "stamps": stamps}))
+    except OSError as e:  # a read-only home: the next plan reads the list again
+        log.debug("cannot keep the url list's count in %s: %s", path, e)
 
 
 def _reuse_split(
