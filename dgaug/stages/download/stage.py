@@ -214,6 +214,9 @@ class DownloadStage(Stage):
         closed: the merge of one sub-shard overlaps the download of the next, instead of the whole
         shard's merge running alone (one core idle) after its download."""
         i2d_dir = kwargs["output_folder"]
+        # Started (if it is not running) from this thread: the launcher dies with the thread
+        # that started it (PR_SET_PDEATHSIG), and the call's thread ends with the call.
+        launcher().start()
         call = _Call(self._run_img2dataset, kwargs, log_path)
         try:
             written = stream_tar(finished_subshards(i2d_dir, n_sub, call.done), f"{out}.tar")
