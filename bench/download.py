@@ -81,22 +81,28 @@ def call_i2d(self, kwargs, log_path):
         return run_i2d(self, kwargs, log_path)
     finally:
         calls.append((t, time.time()))
-merge = stage.merge_shards
-def merge_with_spans(i2d_dir, *a, **k):
-    # img2dataset's per-sub-shard clock, read before the merge drops it from the stats.
-    st = [json.load(open(p)) for p in glob.glob(os.path.join(i2d_dir, "*_stats.json"))]
-    spans.append([(s["start_time"], s["end_time"]) for s in st])
-    return merge(i2d_dir, *a, **k)
+def with_spans(fn):
+    def wrapper(i2d_dir, *a, **k):
+        # img2dataset's per-sub-shard clock, read before the merge drops it from the stats.
+        st = [json.load(open(p)) for p in glob.glob(os.path.join(i2d_dir, "*_stats.json"))]
+        spans.append([(s["start_time"], s["end_time"]) for s in st])
+        return fn(i2d_dir, *a, **k)
+    return wrapper
 def patch(owner, attr, name, fn):
     # Fail loudly if the code moved: a wrapper set on a name nobody calls would time nothing.
     assert hasattr(owner, attr), f"{owner.__name__}.{attr} is gone: update bench/download.py"
     setattr(owner, attr, timed(name, fn))
 patch(stage.DownloadStage, "_run_img2dataset", "img2dataset", call_i2d)
-patch(stage, "merge_shards", "merge", merge_with_spans)
+# The merge streams sub-shards into the tar while img2dataset runs (stream_tar, overlapped);
+# what remains after the call (the tar's last sub-shards, merge_status) is fetch_and_merge - call.
+patch(stage, "merge_status", "merge_status", with_spans(stage.merge_status))
+patch(stage, "merge_shards", "merge_whole", with_spans(stage.merge_shards))
+patch(stage, "stream_tar", "stream_tar", stage.stream_tar)
+patch(stage.DownloadStage, "_fetch_and_merge", "fetch_and_merge", stage.DownloadStage._fetch_and_merge)
 patch(stage.DownloadStage, "setup", "setup", stage.DownloadStage.setup)
 patch(stage.DownloadStage, "plan", "plan", stage.DownloadStage.plan)
 patch(stage.DownloadStage, "process", "process", stage.DownloadStage.process)
-patch(attempt, "_sha256", "sha256", attempt._sha256)
+patch(attempt, "sha256_file", "sha256", attempt.sha256_file)
 patch(Storage, "commit_file", "commit_file", Storage.commit_file)
 patch(local, "run_attempt", "attempt", attempt.run_attempt)
 if spec["spawn"]:
@@ -131,7 +137,8 @@ def _serve(root: str, rel_paths: list[str], latency_s: float, conn: Any) -> None
         def do_GET(self) -> None:
             if latency_s:
                 time.sleep(latency_s)
-            body = files.get(self.path.lstrip("/"))
+            # The query (`?copy=n`) makes a repeated source image a distinct URL (--source-images).
+            body = files.get(self.path.lstrip("/").partition("?")[0])
             if body is None:
                 self.send_error(404)
                 return
@@ -376,7 +383,9 @@ def dgaug_phases(timing: dict[str, Any], t: dict[str, Any]) -> dict[str, float]:
         fetch += _union_s(spans)
         gaps += (last - first) - _union_s(spans)
         teardown += c1 - last
-    i2d, process, merge = ph.get("img2dataset", 0), ph.get("process", 0), ph.get("merge", 0)
+    i2d, process = ph.get("img2dataset", 0), ph.get("process", 0)
+    # Merge work left once img2dataset's call has ended (its own clock, not the overlapped part).
+    merge = ph.get("fetch_and_merge", 0) - i2d
     sha, commit = ph.get("sha256", 0), ph.get("commit_file", 0)
     out = {
         "start-up: interpreter, dgaug imports": timing["wall_s"] - t["run_pipeline_s"],
@@ -386,7 +395,7 @@ def dgaug_phases(timing: dict[str, Any], t: dict[str, Any]) -> dict[str, float]:
         "per shard: fetch + resize + write (some sub-shard running)": fetch,
         "per shard: gaps between sub-shards": gaps,
         "per shard: img2dataset teardown (pool, exit)": teardown,
-        "per shard: merge sub-shards (re-key, sort, rewrite tar)": merge,
+        "per shard: merge after the download (last sub-shards, status parquet)": merge,
         "per shard: write/read url parquets": process - i2d - merge,
         "per shard: sha256 of outputs": sha,
         "per shard: commit (fsync, rename)": commit,
@@ -407,8 +416,9 @@ def prepare_images(args: argparse.Namespace) -> tuple[Path, list[tuple[str, str]
 
     root = args.cache / f"synthetic-{args.image_size}px-seed{args.seed}"
     t0 = time.perf_counter()
+    distinct = min(args.source_images or args.images, args.images)
     url_list = write_synthetic_dataset(
-        root, num_images=args.images, seed=args.seed, image_size=args.image_size
+        root, num_images=distinct, seed=args.seed, image_size=args.image_size
     )
     took = time.perf_counter() - t0
     if took > 5:
@@ -417,6 +427,11 @@ def prepare_images(args: argparse.Namespace) -> tuple[Path, list[tuple[str, str]
     prefix = root.resolve().as_uri() + "/"
     items = [
         (u.removeprefix(prefix), c) for u, c in zip(table["url"], table["caption"], strict=True)
+    ]
+    # Fewer distinct images than URLs: each further URL names one again, with its own query.
+    items += [
+        (f"{items[i % distinct][0]}?copy={i // distinct}", items[i % distinct][1])
+        for i in range(distinct, args.images)
     ]
     return root, items
 
@@ -551,6 +566,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=4000, help="URLs in the list (default 4000)")
     p.add_argument("--image-size", type=int, default=256, help="side of the source JPEGs")
+    p.add_argument(
+        "--source-images",
+        type=int,
+        default=0,
+        help="distinct source JPEGs (0: one per URL); fewer are generated faster, and each is "
+        "then served under several URLs (`?copy=n`), every URL fetched and resized once",
+    )
     p.add_argument("--out-size", type=int, default=128, help="image_size both systems resize to")
     p.add_argument(
         "--shard-size",
@@ -592,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     root, items = prepare_images(args)
-    server = LoopbackServer(root, [rel for rel, _ in items], args.latency_ms / 1000)
+    server = LoopbackServer(
+        root, sorted({rel.partition("?")[0] for rel, _ in items}), args.latency_ms / 1000
+    )
     runs: list[dict[str, Any]] = []
     try:
         urls = write_url_list(items, server.port, args.workdir / "urls.parquet")

@@ -419,3 +419,40 @@ def test_runs_from_python_c_and_leaves_no_helper_process(tmp_path: Path) -> None
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_streamed_merge_matches_the_whole_merge(run, tmp_path, monkeypatch):
+    """The tar written sub-shard by sub-shard while img2dataset runs holds the bytes of the
+    merge of all sub-shards at once (the stage's way before merging overlapped the download),
+    whatever the number of sub-shards; the committed shards (two sub-shards each) agree too."""
+    from dgaug.core.storage import Storage
+    from dgaug.job.run import plan_stages
+    from dgaug.pipeline.run import stage_context
+    from dgaug.stages.download import merge
+    from dgaug.stages.download import stage as download_stage
+
+    m = validate({**run.data, "output": str(tmp_path / "out")})
+    plans = plan_stages(m, Storage(m.output), dry_run=False)
+    stage = plans["download"].stage
+    ctx = stage_context({"download": stage}, m, Storage(m.output))
+    stage.setup(ctx)
+    monkeypatch.setattr(download_stage, "SUB_SHARD_ROWS", 1)  # one sub-shard per valid row
+
+    def shard(task, folder: Path) -> dict[str, bytes]:
+        folder.mkdir()
+        stage.process(task.in_dir(str(folder)), ctx)
+        return _files(folder), len(list((folder / "img2dataset").glob("*.tar")))
+
+    def out_of_order(*args, **kwargs):
+        raise merge.SubShardsOutOfOrder("test: take the whole merge")
+
+    for task in plans["download"].tasks[:2]:  # shards 0 and 1 reach img2dataset
+        streamed, subshards = shard(task, tmp_path / f"streamed{task.shard_id}")
+        assert subshards == 6  # six rows of each shard pass the pre-download checks
+        with monkeypatch.context() as patch:
+            patch.setattr(download_stage, "stream_tar", out_of_order)
+            whole, _ = shard(task, tmp_path / f"whole{task.shard_id}")
+        names = [f"{task.shard_id:05d}{ext}" for ext in (".tar", ".parquet", "_stats.json")]
+        committed = _files(run.out / "real")
+        for name in names:
+            assert streamed[name] == whole[name] == committed[name], name

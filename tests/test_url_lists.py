@@ -242,6 +242,109 @@ def test_split_dry_run_writes_nothing(tmp_path):
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def _write(p, fmt: str, rows: list[dict]) -> None:
+    if fmt == "parquet":
+        _write_parquet(p, rows)
+    elif fmt == "tsv":
+        _write_tsv(p, rows)
+    elif fmt == "csv":
+        p.write_text("url,caption\n" + "".join(f'{r["url"]},"{r["caption"]}"\n' for r in rows))
+    else:
+        p.write_text("".join(f"{r['url']}\n" for r in rows))
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "parquet", "txt"])
+def test_split_shards_are_the_rows_written_whole(tmp_path, monkeypatch, fmt):
+    """Each shard input holds the bytes of its rows written as one table (what the split wrote
+    before it streamed with small read blocks: checked against that version on lists of each
+    format), however the reader's batches fall."""
+    monkeypatch.setattr(tabular, "BATCH_ROWS", 7)  # batches that straddle shards
+    rows = _rows(23)
+    p = tmp_path / f"list.{fmt}"
+    _write(p, fmt, rows)
+    src = _src(p, input_format=fmt)
+    storage = Storage(str(tmp_path / "out"))
+    folder, n = split_url_list(src, 5, storage)
+    cols = ["url"] if fmt == "txt" else ["url", "caption"]
+    for shard in range(n):
+        part = [{c: r[c] for c in cols} for r in rows[shard * 5 : shard * 5 + 5]]
+        table = pa.Table.from_pylist(part, schema=pa.schema([(c, pa.string()) for c in cols]))
+        keys = [sample_key(shard, i) for i in range(table.num_rows)]
+        buf = pa.BufferOutputStream()
+        pq.write_table(table.append_column(KEY_COL, pa.array(keys)), buf, compression="zstd")
+        written = open(storage.path(f"{folder}/{shard:05d}.parquet"), "rb").read()
+        assert written == buf.getvalue().to_pybytes(), shard
+
+
+def _replace_keeping_size_and_mtime(p, data: bytes) -> None:
+    st = os.stat(p)
+    assert len(data) == st.st_size
+    p.write_bytes(data)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "parquet"])
+def test_a_finished_split_is_reused_without_opening_the_list(tmp_path, monkeypatch, fmt):
+    p = tmp_path / f"list.{fmt}"
+    _write(p, fmt, _rows(12))
+    src = _src(p, input_format=fmt)
+    storage = Storage(str(tmp_path / "out"))
+    folder, n = split_url_list(src, 5, storage)
+    # The list is replaced by bytes that no reader accepts, its size and mtime kept: a plan (a
+    # dry run) or a resume that opened it would fail; both take the recorded split.
+    _replace_keeping_size_and_mtime(p, b"\0" * p.stat().st_size)
+    assert split_url_list(src, 5, storage, dry_run=True) == (folder, n) == (folder, 3)
+    assert split_url_list(src, 5, storage) == (folder, 3)
+
+
+def test_a_second_dry_run_takes_the_count_of_the_first(tmp_path, monkeypatch):
+    """`dgaug plan` before any run writes nothing in the output; it keeps the count in the user's
+    cache, keyed by the files' stamps, so the next plan does not read the list again."""
+    monkeypatch.setenv("DGAUG_CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "list.tsv"
+    _write_tsv(p, _rows(12))
+    src = _src(p, input_format="tsv")
+    storage = Storage(str(tmp_path / "out"))
+    folder, n = split_url_list(src, 5, storage, dry_run=True)
+    _replace_keeping_size_and_mtime(p, b"\0" * p.stat().st_size)
+    assert split_url_list(src, 5, storage, dry_run=True) == (folder, n) == (folder, 3)
+    assert not (tmp_path / "out").exists()
+    # A new stamp: the list is read again (and these bytes are no tsv with a url column).
+    os.utime(p, ns=(0, p.stat().st_mtime_ns + 10**9))
+    with pytest.raises(SourceError):
+        split_url_list(src, 5, storage, dry_run=True)
+
+
+def test_a_list_rewritten_under_the_same_size_is_noticed(tmp_path):
+    p = tmp_path / "list.tsv"
+    rows = _rows(12)
+    _write_tsv(p, rows)
+    src = _src(p, input_format="tsv")
+    storage = Storage(str(tmp_path / "out"))
+    folder, _ = split_url_list(src, 5, storage)
+
+    # Touched (same bytes, new mtime): read once to compare, then reused.
+    os.utime(p, ns=(0, p.stat().st_mtime_ns + 10**9))
+    assert split_url_list(src, 5, storage) == (folder, 3)
+    stamps = storage.read_json(f"{folder}/_SUCCESS.json")["stamps"]
+    assert stamps[0]["stamp"] == p.stat().st_mtime_ns
+
+    # Rewritten with other rows of the same size: a source error, in a plan and in a run.
+    rows[3] = {"url": "http://example.com/X.jpg", "caption": "caption X"}
+    _write_tsv(p, rows)
+    os.utime(p, ns=(0, p.stat().st_mtime_ns + 2 * 10**9))
+    for dry_run in (True, False):
+        with pytest.raises(SourceError) as e:
+            split_url_list(src, 5, storage, dry_run=dry_run)
+        assert e.value.problems[0].startswith(f"source.path: {p} was rewritten")
+
+    # Another size is another list: split again, into another folder.
+    rows.append({"url": "http://example.com/new.jpg", "caption": "new"})
+    _write_tsv(p, rows)
+    folder2, n2 = split_url_list(src, 5, storage)
+    assert folder2 != folder and n2 == 3
+
+
 # ----------------------------------------------------------------------------------------- errors
 
 

@@ -120,8 +120,9 @@ def plan(
     """Show what `run` would do and what it costs: shards per stage, how many are committed,
     how many to do; then FLOPs and bytes per sample, totals and GPU-hours per stage.
 
-    Writes nothing (the FLOP counts are cached per architecture in ~/.cache/dgaug). Counting a
-    large tsv url list reads it once.
+    Writes nothing (the FLOP counts are cached per architecture in ~/.cache/dgaug). A url list
+    is read once: then the split a run made, or the count an earlier plan kept in
+    ~/.cache/dgaug/splits, is reused while the files' sizes and stamps stay the same.
     """
     m = load(manifest, set_)
     setup_logging(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from typing import Any
 
 
@@ -32,3 +33,47 @@ def file_sizes(paths: list[str]) -> list[dict[str, Any]]:
         except (FileNotFoundError, OSError):
             out.append({"path": p, "size": None})
     return out
+
+
+def file_stamps(paths: list[str]) -> list[dict[str, Any]]:
+    """Path, size and a change stamp of each file, read from a listing (no file is opened).
+
+    The stamp is the modification time in ns for a local file, the ETag (or md5, or modification
+    time) an object store reports for a remote one: a file rewritten under the same name and size
+    gets a new stamp.
+    """
+    import fsspec
+
+    out = []
+    for p in paths:
+        try:
+            info = fsspec.open(p).fs.info(p.removeprefix("file://"))
+        except (FileNotFoundError, OSError):
+            out.append({"path": p, "size": None, "stamp": None})
+            continue
+        if "://" not in p or p.startswith("file://"):
+            stamp: Any = os.stat(p.removeprefix("file://")).st_mtime_ns
+        else:
+            stamp = next(
+                (
+                    str(info[k])
+                    for k in ("ETag", "etag", "md5", "LastModified", "mtime")
+                    if info.get(k)
+                ),
+                None,
+            )
+        out.append({"path": p, "size": info.get("size"), "stamp": stamp})
+    return out
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 of a local file's bytes (None for a remote one: its ETag stands in)."""
+    import hashlib
+
+    if "://" in path and not path.startswith("file://"):
+        return None
+    h = hashlib.sha256()
+    with open(path.removeprefix("file://"), "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

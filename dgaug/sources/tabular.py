@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65_536
-CSV_BLOCK_BYTES = 16 << 20
+# pyarrow's csv reader block. With 16 MB blocks the reading process grew with the list (about
+# +700 MB RSS at 8M tsv rows, with pyarrow's pool peaking at 110 MB); with 1 MB blocks it stays
+# flat (about +60 MB at 8M rows) and reads as fast.
+CSV_BLOCK_BYTES = 1 << 20
 
 
 def _wanted_columns(src: UrlListSource) -> dict[str, str]:

@@ -100,6 +100,7 @@ class _Pool:
     stage: Stage
     stage_ref: Any
     ctx_ref: Any
+    fp_ref: Any  # the stage's fingerprint record, put once: every marker holds it
     size: int
     slots: list[_Slot] = field(default_factory=list)
     start_failures: int = 0
@@ -346,13 +347,22 @@ class _Run:
             done, _ = ray.wait(waitable, num_returns=1, timeout=self.ex.poll_s)
             if not done:
                 self._relieve_starvation()
-            elif done[0] in self.in_flight:
-                pool, slot = self.in_flight.pop(done[0])
-                task, slot.task = slot.task, None
-                assert task is not None
-                self._collect(done[0], pool, slot, task)
-            else:
-                self._started(done[0], *starting[done[0]])
+                continue
+            if len(waitable) > 1:
+                # Everything else that has finished too, so that one dispatch follows many
+                # results (cost per wake-up: the actors in flight, never the tasks).
+                done, _ = ray.wait(waitable, num_returns=len(waitable), timeout=0)
+            for ref in done:
+                if ref in self.in_flight:
+                    pool, slot = self.in_flight.pop(ref)
+                    task, slot.task = slot.task, None
+                    assert task is not None
+                    self._collect(ref, pool, slot, task)
+                else:
+                    pool, slot = starting[ref]
+                    if self.pools.get(pool.stage.name) is pool and slot in pool.slots:
+                        # (a result before it in this batch may have closed its pool)
+                        self._started(ref, pool, slot)
         return self.outcomes
 
     def _pool(self, name: str) -> _Pool:
@@ -361,7 +371,8 @@ class _Run:
             if self.ctx_ref is None:
                 self.ctx_ref = ray.put(self.ctx)
             size = max(1, min(_workers(stage), self.counts[name]))
-            self.pools[name] = _Pool(stage, ray.put(stage), self.ctx_ref, size)
+            fp_ref = ray.put(self.fp_records[name])
+            self.pools[name] = _Pool(stage, ray.put(stage), self.ctx_ref, fp_ref, size)
         return self.pools[name]
 
     def _dispatch(self) -> None:
@@ -380,7 +391,8 @@ class _Run:
                 self.tries[task.id] = self.tries.get(task.id, 0) + 1
                 self.listener.task_started(task)
                 slot.task = task
-                self.in_flight[slot.actor.run.remote(task, self.fp_records[name])] = (pool, slot)
+                # The record goes by reference: serialized once per stage, not once per task.
+                self.in_flight[slot.actor.run.remote(task, pool.fp_ref)] = (pool, slot)
             pool.grow(len(heap) - len(pool.starting()))
 
     def _started(self, ref: Any, pool: _Pool, slot: _Slot) -> None:

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import tarfile
+import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -64,19 +66,6 @@ def failure_reason(status: str | None, error: str | None) -> str:
     return re.sub(r"[^a-z]+", "_", slug).strip("_")[:40].strip("_") or "other"
 
 
-def _index_tar(path: str) -> dict[str, dict[str, tarfile.TarInfo]]:
-    """img2dataset key -> {extension: member}; reads headers only."""
-    out: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf.getmembers():
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            key, _, ext = base.partition(".")
-            out.setdefault(key, {})[ext] = m
-    return out
-
-
 # What img2dataset appends to the input columns of its status rows, called as the stage calls it
 # (compute_hash="sha256", extract_exif left on).
 _I2D_STATUS_FIELDS = [
@@ -113,12 +102,83 @@ def merge_shards(
     expected_keys: list[str],
     skipped_rows: list[dict[str, Any]],
 ) -> tuple[int, dict[str, int], dict[str, int]]:
-    """Merge every `i2d_dir/*.tar|parquet` into one shard keyed by KEY_COL.
+    """Merge every `i2d_dir/*.tar|parquet` into one shard keyed by KEY_COL, all at once.
 
     `skipped_rows` are inputs rejected before download (no URL, empty caption); they get a status
     row too. Raises if any expected key is missing or duplicated: a lost sample is an error.
     Returns (samples written, counts, failures by reason).
     """
+    tar_paths = sorted(glob.glob(os.path.join(i2d_dir, "*.tar")))
+    located = [sample for path in tar_paths for sample in _subshard_samples(path)]
+    located.sort(key=lambda x: x[0])
+    write_deterministic_tar(out_tar, located)
+    return merge_status(i2d_dir, out_parquet, out_stats, expected_keys, skipped_rows, len(located))
+
+
+class SubShardsOutOfOrder(RuntimeError):
+    """A sub-shard holds a key below one already written: only a whole merge can sort them."""
+
+
+def stream_tar(subshard_tars: Iterable[str], out_tar: str) -> int:
+    """Write the samples of img2dataset's tars, given in sub-shard order, as they come.
+
+    Each sub-shard covers a run of consecutive input rows (img2dataset cuts its input in order),
+    so sub-shard after sub-shard, each sorted, is key order: the bytes `merge_shards` writes. The
+    caller hands over a sub-shard as soon as img2dataset has closed it, so this merge runs while
+    later sub-shards download. Returns the samples written; raises SubShardsOutOfOrder if a
+    sub-shard breaks the order (then nothing written may be kept).
+    """
+    written = 0
+    last = ""
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        nonlocal written, last
+        for path in subshard_tars:
+            for key, members in _subshard_samples(path):
+                if key <= last:
+                    raise SubShardsOutOfOrder(f"{path}: key {key} after {last}")
+                last = key
+                written += 1
+                yield key, members
+
+    write_deterministic_tar(out_tar, samples())
+    return written
+
+
+def finished_subshards(
+    i2d_dir: str, count: int, child_done: Callable[[], bool], poll_s: float = 0.05
+) -> Iterator[str]:
+    """img2dataset's tars `0..count-1` in order, each once its `_stats.json` says it is closed.
+
+    img2dataset closes a sub-shard's tar and parquet before it writes the stats. Once the call
+    has ended, the tars left are handed over as they are: a sub-shard it failed shows as missing
+    status rows, which `merge_status` reports.
+    """
+    for j in range(count):
+        while True:
+            ended = child_done()  # read before the listing: no stats can appear after it
+            names = {n for n in os.listdir(i2d_dir) if n.endswith(("_stats.json", ".tar"))}
+            stats = {int(n.split("_")[0]): n for n in names if n.endswith("_stats.json")}
+            if j in stats or ended:
+                break
+            time.sleep(poll_s)
+        tar = f"{stats[j].removesuffix('_stats.json')}.tar" if j in stats else None
+        if tar is None:
+            tar = next((n for n in names if n.endswith(".tar") and int(n[:-4]) == j), None)
+        if tar is not None and tar in names:
+            yield os.path.join(i2d_dir, tar)
+
+
+def merge_status(
+    i2d_dir: str,
+    out_parquet: str,
+    out_stats: str,
+    expected_keys: list[str],
+    skipped_rows: list[dict[str, Any]],
+    samples: int,
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """The shard's status parquet and stats json from the sub-shards'; `samples` is how many the
+    tar holds, checked against the successes. Raises if any expected key is missing or duplicated."""
     tables = [pq.read_table(p) for p in sorted(glob.glob(os.path.join(i2d_dir, "*.parquet")))]
     tables = [t for t in tables if t.num_rows]
     rows: list[dict[str, Any]] = []
@@ -153,35 +213,45 @@ def merge_shards(
     names = schema.names
     table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
     pq.write_table(table, out_parquet, compression="zstd")
+    return _finish(i2d_dir, out_stats, rows, skipped_rows, failures, samples)
 
-    # The tar: successful samples in key order, members from the sub-shard tars.
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    tar_paths = sorted(glob.glob(os.path.join(i2d_dir, "*.tar")))
-    handles = [tarfile.open(p, "r:") for p in tar_paths]
-    try:
-        located: list[tuple[str, tarfile.TarFile, dict[str, tarfile.TarInfo]]] = []
-        for tf, path in zip(handles, tar_paths, strict=True):
-            for _, members in _index_tar(path).items():
-                if "json" not in members:
-                    continue
-                meta = json.loads(tf.extractfile(members["json"]).read())
-                located.append((meta[KEY_COL], tf, members))
-        located.sort(key=lambda x: x[0])
-        for key, tf, members in located:
+
+def _subshard_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
+    """The successful samples of one img2dataset tar, re-keyed by KEY_COL, in key order."""
+    located: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path, "r:") as tf:
+        index: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for m in tf.getmembers():
+            if m.isfile():
+                key, _, ext = os.path.basename(m.name).partition(".")
+                index.setdefault(key, {})[ext] = m
+        for members in index.values():
+            if "json" not in members:
+                continue
             out: dict[str, bytes] = {}
+            new_key = ""
             for ext, m in members.items():
                 data = tf.extractfile(m).read()
                 if ext == "json":
                     meta = json.loads(data)
-                    meta["key"] = meta.pop(KEY_COL)
+                    new_key = meta.pop(KEY_COL)
+                    meta["key"] = new_key
                     data = json.dumps(meta, indent=4).encode()
                 out[ext] = data
-            samples.append((key, out))
-        write_deterministic_tar(out_tar, samples)
-    finally:
-        for tf in handles:
-            tf.close()
+            located.append((new_key, out))
+    located.sort(key=lambda x: x[0])
+    return located
 
+
+def _finish(
+    i2d_dir: str,
+    out_stats: str,
+    rows: list[dict[str, Any]],
+    skipped_rows: list[dict[str, Any]],
+    failures: Counter[str],
+    samples: int,
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """The shard's stats json from the sub-shards'; checks the tar against the status rows."""
     stats: dict[str, Any] = {
         "count": 0,
         "successes": 0,
@@ -203,9 +273,9 @@ def merge_shards(
         json.dump({k: v for k, v in stats.items() if k not in _STATS_TIME_FIELDS}, f, indent=4)
 
     counts = {"inputs": len(rows), "skipped": sum(failures.values())}
-    if len(samples) != sum(1 for r in rows if r.get("status") == "success"):
+    successes = sum(1 for r in rows if r.get("status") == "success")
+    if samples != successes:
         raise RuntimeError(
-            f"{len(samples)} samples in the tars but "
-            f"{sum(1 for r in rows if r.get('status') == 'success')} successes in the status rows"
+            f"{samples} samples in the tars but {successes} successes in the status rows"
         )
-    return len(samples), counts, dict(failures)
+    return samples, counts, dict(failures)

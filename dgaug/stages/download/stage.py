@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -13,7 +15,13 @@ from dgaug.core.constants import MAX_ASPECT_RATIO
 from dgaug.pipeline.stage import Plan, ShardResult, ShardTask, Stage, StageContext
 from dgaug.stages.download import ingest
 from dgaug.stages.download.launcher import launcher
-from dgaug.stages.download.merge import merge_shards
+from dgaug.stages.download.merge import (
+    SubShardsOutOfOrder,
+    finished_subshards,
+    merge_shards,
+    merge_status,
+    stream_tar,
+)
 from dgaug.stages.download.urls import KEY_COL, pre_download_skip, split_url_list
 
 # img2dataset's keep_ratio and center_crop resize the short side first: a 5,000 x 1 sliver (a
@@ -21,6 +29,42 @@ from dgaug.stages.download.urls import KEY_COL, pre_download_skip, split_url_lis
 # GB. Unless the manifest sets a limit, those modes skip images more elongated than the edsam and
 # features stages take (img2dataset checks it before resizing: counted as filtered_size).
 _SHORT_SIDE_MODES = ("keep_ratio", "center_crop")
+
+
+# img2dataset's sub-shards of a dgaug shard: small enough that most of the merge overlaps the
+# download (the sub-shards close one after another), large enough that img2dataset's cost per
+# sub-shard (a thread pool, writers, a stats file) stays small.
+SUB_SHARD_ROWS = 500
+
+
+def subshard_rows(valid: int, processes: int) -> int:
+    """Rows per img2dataset sub-shard: every process busy, and at most SUB_SHARD_ROWS."""
+    return max(1, min(math.ceil(valid / processes), SUB_SHARD_ROWS))
+
+
+class _Call:
+    """A function run in a daemon thread (an interrupt does not wait for it), its result later."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _max_aspect_ratio(cfg: Any) -> float:
@@ -121,7 +165,7 @@ class DownloadStage(Stage):
             inp = os.path.join(task.tmp_dir, "urls.parquet")
             pq.write_table(table.from_pylist(valid, schema=table.schema), inp)
             extra = [c for c in table.column_names if c not in ("url", "caption")]
-            per_process = math.ceil(len(valid) / cfg.processes)
+            per_sub_shard = subshard_rows(len(valid), cfg.processes)
             kwargs = dict(
                 url_list=inp,
                 output_folder=i2d_dir,
@@ -130,7 +174,7 @@ class DownloadStage(Stage):
                 caption_col="caption" if has_caption else None,
                 save_additional_columns=extra,
                 output_format="webdataset",
-                number_sample_per_shard=max(per_process, 1),
+                number_sample_per_shard=per_sub_shard,
                 processes_count=cfg.processes,
                 thread_count=cfg.threads,
                 image_size=cfg.image_size,
@@ -149,10 +193,47 @@ class DownloadStage(Stage):
                 compute_hash="sha256",
                 max_shard_retry=1,
             )
-            self._run_img2dataset(kwargs, os.path.join(task.tmp_dir, "img2dataset.log"))
+            log_path = os.path.join(task.tmp_dir, "img2dataset.log")
+            n_sub = math.ceil(len(valid) / per_sub_shard)
+            return self._fetch_and_merge(kwargs, log_path, n_sub, out, expected, skipped)
         samples, counts, failures = merge_shards(
             i2d_dir, f"{out}.tar", f"{out}.parquet", f"{out}_stats.json", expected, skipped
         )
+        return ShardResult(samples=samples, counts=counts, failures=failures)
+
+    def _fetch_and_merge(
+        self,
+        kwargs: dict[str, Any],
+        log_path: str,
+        n_sub: int,
+        out: str,
+        expected: list[str],
+        skipped: list[dict[str, Any]],
+    ) -> ShardResult:
+        """img2dataset runs in the launcher's child while this thread merges the sub-shards it has
+        closed: the merge of one sub-shard overlaps the download of the next, instead of the whole
+        shard's merge running alone (one core idle) after its download."""
+        i2d_dir = kwargs["output_folder"]
+        # Started (if it is not running) from this thread: the launcher dies with the thread
+        # that started it (PR_SET_PDEATHSIG), and the call's thread ends with the call.
+        launcher().start()
+        call = _Call(self._run_img2dataset, kwargs, log_path)
+        try:
+            written = stream_tar(finished_subshards(i2d_dir, n_sub, call.done), f"{out}.tar")
+        except SubShardsOutOfOrder:
+            written = -1  # not expected from img2dataset; the whole merge sorts them
+        except Exception:
+            call.result()  # the call ends before its scratch folder can go; its error first
+            raise
+        call.result()  # raises if img2dataset failed
+        if written < 0:
+            samples, counts, failures = merge_shards(
+                i2d_dir, f"{out}.tar", f"{out}.parquet", f"{out}_stats.json", expected, skipped
+            )
+        else:
+            samples, counts, failures = merge_status(
+                i2d_dir, f"{out}.parquet", f"{out}_stats.json", expected, skipped, written
+            )
         return ShardResult(samples=samples, counts=counts, failures=failures)
 
     def _run_img2dataset(self, kwargs: dict[str, Any], log_path: str) -> None:

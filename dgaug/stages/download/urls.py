@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from urllib.parse import unwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dgaug.core.atomic import atomic_path
 from dgaug.core.hashing import record_hash
 from dgaug.core.storage import DGAUG_DIR, Storage
-from dgaug.sources.paths import file_sizes
+from dgaug.sources.errors import SourceError
+from dgaug.sources.paths import expand_paths, file_digest, file_sizes, file_stamps
 from dgaug.sources.url_list import UrlListSource
 
 log = logging.getLogger(__name__)
@@ -74,17 +79,22 @@ def split_url_list(
 ) -> tuple[str, int]:
     """Cut the url list into `{INPUTS_DIR}/<fp>/{i:05d}.parquet` of shard_size rows each.
 
-    Streams: at most one batch plus one shard is in memory. Done once: a `_SUCCESS.json` records the
-    count, and a later call with the same source returns it. Returns (folder, number of shards).
+    Streams: at most one read block, one batch and one shard are in memory, whatever the list's
+    size. Done once: a `_SUCCESS.json` records the count and each file's size and change stamp,
+    and a later call whose files show the same stamps returns it without opening them (`dgaug
+    plan`, a resume). Returns (folder, number of shards). Raises SourceError if a file was
+    rewritten with new bytes under the same name and size after it was split.
     """
-    paths = src.checked_paths()
+    paths = expand_paths(src.path)
     record = source_record(src, paths, shard_size)
     folder = f"{INPUTS_DIR}/{record_hash(record, 16)}"
-    try:
-        done = storage.read_json(f"{folder}/_SUCCESS.json")
-        return folder, int(done["shards"])
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
+    stamps = file_stamps(paths)
+    reused = _reuse_split(storage, folder, stamps, dry_run=dry_run)
+    if reused is None and dry_run:
+        reused = _counted_before(folder, stamps)
+    if reused is not None:
+        return folder, reused
+    paths = src.checked_paths()
     pending: list[pa.Table] = []
     pending_rows = 0
     shard = 0
@@ -94,6 +104,9 @@ def split_url_list(
 
     def flush(table: pa.Table) -> None:
         nonlocal shard
+        # One chunk: the parquet bytes then depend on the rows alone, not on where the reader's
+        # blocks happened to end (a table of several chunks is written differently).
+        table = table.combine_chunks()
         keys = pa.array([sample_key(shard, r) for r in range(table.num_rows)], pa.string())
         table = table.append_column(KEY_COL, keys)
         if not dry_run:
@@ -124,13 +137,95 @@ def split_url_list(
             ", ".join(f"{k}: {n}" for k, n in refused.most_common(5)),
             SCHEME_NOT_ALLOWED,
         )
-    if not dry_run:
+    if dry_run:
+        _remember_count(folder, stamps, shard)
+    else:
         storage.write_json(
             f"{folder}/_SUCCESS.json",
-            {"shards": shard, "rows": rows, "refused_schemes": dict(refused), **record},
+            {
+                "shards": shard,
+                "rows": rows,
+                "refused_schemes": dict(refused),
+                **record,
+                "stamps": stamps,
+                "digests": {p: file_digest(p) for p in paths},
+            },
         )
         log.info("split %d url(s) from %d file(s) into %d shard(s)", rows, len(paths), shard)
     return folder, shard
+
+
+def _count_file(folder: str) -> Path:
+    """Where a dry run keeps the shard count of a list it read (it writes nothing in the output):
+    $DGAUG_CACHE_DIR (or $XDG_CACHE_HOME/dgaug, ~/.cache/dgaug) / splits / <fp>.json."""
+    root = os.environ.get("DGAUG_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dgaug"
+    )
+    return Path(root) / "splits" / f"{folder.rsplit('/', 1)[-1]}.json"
+
+
+def _counted_before(folder: str, stamps: list[dict[str, Any]]) -> int | None:
+    """The count an earlier dry run found for these very files (same stamps), else None."""
+    try:
+        data = json.loads(_count_file(folder).read_text())
+        return int(data["shards"]) if data.get("stamps") == stamps else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_count(folder: str, stamps: list[dict[str, Any]], shards: int) -> None:
+    if any(s["stamp"] is None for s in stamps):
+        return  # a file without a change stamp: nothing would tell that it changed
+    path = _count_file(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps({"shards": shards, "stamps": stamps}))
+    except OSError as e:  # a read-only home: the next plan reads the list again
+        log.debug("cannot keep the url list's count in %s: %s", path, e)
+
+
+def _reuse_split(
+    storage: Storage, folder: str, stamps: list[dict[str, Any]], *, dry_run: bool
+) -> int | None:
+    """The shard count of a finished split of these files, or None if there is none.
+
+    Same stamps: reused without opening a file. A stamp changed under the same size (the folder
+    is named by sizes): a local file is read once to compare its sha256 with the one recorded;
+    the same bytes (a copy, a touch) keep the split, new bytes raise SourceError, since the
+    committed download shards came from the old list. A split recorded before stamps were kept
+    is trusted, as it was then.
+    """
+    try:
+        done = storage.read_json(f"{folder}/_SUCCESS.json")
+        shards = int(done["shards"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    old = {s["path"]: s for s in done.get("stamps", [])}
+    if not old or all(old.get(s["path"]) == s for s in stamps):
+        if not old and not dry_run:
+            storage.write_json(f"{folder}/_SUCCESS.json", {**done, "stamps": stamps})
+        return shards
+    digests = done.get("digests", {})
+    changed = []
+    for s in stamps:
+        if old.get(s["path"]) == s:
+            continue
+        digest = digests.get(s["path"])
+        if digest is None or file_digest(s["path"]) != digest:
+            changed.append(s["path"])
+    if changed:
+        raise SourceError(
+            [
+                f"source.path: {p} was rewritten (same size, new content) after it was split "
+                f"into {storage.url(folder)}; the shards of this output came from the old list: "
+                "set a new `output` folder to download the new one"
+                for p in changed
+            ]
+        )
+    if not dry_run:  # the same bytes under a new stamp (copied, touched): remember the stamp
+        storage.write_json(f"{folder}/_SUCCESS.json", {**done, "stamps": stamps})
+    return shards
 
 
 def _refused_schemes(urls: pa.ChunkedArray | pa.Array, allowed: set[str]) -> Counter[str]:
