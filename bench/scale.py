@@ -9,7 +9,8 @@ synthetic images, and every planned shard of every stage gets the template's (a 
 run's) marker for its stage, with its shard, fingerprint and output names set, and its files: on
 local disk sparse files of the template's sizes (no disk space used), on S3 16-byte objects (the
 marker records 16 bytes). No `_dgaug/index/` is written: the first status reads an output as
-dgaug before the index left it; the first rerun writes the index and the mix/ view.
+dgaug before the index left it; the first rerun splits the url list into N input files (once
+per output), writes the index and the mix/ view.
 
 Each step runs in its own process (`dgaug status|plan|run MANIFEST`, as a user runs them); its
 wall time and peak RSS (wait4) are recorded. The rerun must find nothing to do. The executor
@@ -49,19 +50,23 @@ S3_BODY = b"0123456789abcdef"  # every shard object on S3: the marker records it
 
 
 def manifest_dict(output: str, shards: int, sources: Path) -> dict[str, Any]:
-    """manifests/demo.yaml over `shards` existing (empty) tars: planning it lists them and
-    nothing more, where the synthetic source would first draw N x 48 images."""
+    """manifests/demo.yaml over a parquet url list of N x shard_size rows (as a LAION run reads
+    one): the synthetic source would first draw every image, and a `shards` source puts the
+    list of its N tars in every download marker's fingerprint record."""
     import yaml
 
     d = yaml.safe_load((REPO_ROOT / "manifests/demo.yaml").read_text())
     d.pop("train", None)
     d["output"] = output
-    folder = sources / f"src-{shards}"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-        for i in range(shards):
-            (folder / f"{i:05d}.tar").touch()
-    d["source"] = {"kind": "shards", "path": f"{folder}/{{00000..{shards - 1:05d}}}.tar"}
+    rows = shards * int(d["shard_size"])
+    path = sources / f"urls-{rows}.parquet"
+    if not path.is_file():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(rows)]
+        pq.write_table(pa.table({"url": urls, "caption": ["a photo"] * rows}), path)
+    d["source"] = {"kind": "url_list", "path": str(path), "input_format": "parquet"}
     return d
 
 
@@ -125,8 +130,23 @@ def build(output: str, shards: int, template: Path, manifest: Path, work: Path) 
     return counts
 
 
+# Peak RSS as the process itself sees it: VmHWM is its own address space's high-water mark,
+# where wait4's ru_maxrss also counts the parent's pages from before the exec (vfork).
+_HWM = (
+    "import atexit, sys\n"
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('\\nVMHWM_KB=' + line.split()[1] + '\\n')\n"
+    "atexit.register(_hwm)\n"
+    "sys.argv = ['dgaug'] + sys.argv[1:]\n"
+    "from dgaug.cli.app import main\n"
+    "main()\n"
+)
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `cmd`; its wall seconds, peak RSS (MB), exit code and last output line."""
+    """Run `cmd`; its wall seconds, peak RSS (MB, VmHWM), exit code and last output lines."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -136,20 +156,21 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
         cwd=REPO_ROOT,
     )
     out = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     seconds = time.perf_counter() - started
     text = out.decode(errors="replace")
+    hwm = [ln for ln in text.splitlines() if ln.startswith("VMHWM_KB=")]
+    text = "\n".join(ln for ln in text.splitlines() if not ln.startswith("VMHWM_KB="))
     return {
         "seconds": round(seconds, 2),
-        "rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "rss_mb": round(int(hwm[-1].split("=")[1]) / 1024, 1) if hwm else None,
         "rc": proc.returncode,
         "tail": text.strip().splitlines()[-12:],
     }
 
 
-def dgaug(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dgaug.cli.app", *args]
+def dgaug(*args: str, python: str = sys.executable) -> list[str]:
+    return [python, "-c", _HWM, *args]
 
 
 # -- the executor's scheduling, in its own process (`--executor-child`)
@@ -224,10 +245,10 @@ def steps(store: str, output: str, manifest: Path, args: argparse.Namespace) -> 
         ("status (no index: as written before it)", dgaug("status", str(manifest))),
     ]
     if args.compare_with:
-        old = str(Path(args.compare_with) / ".venv/bin/dgaug")
-        out.append(("status, main's dgaug", [old, "status", str(manifest)]))
+        old = str(Path(args.compare_with) / ".venv/bin/python")
+        out.append(("status, main's dgaug", dgaug("status", str(manifest), python=old)))
     out += [
-        ("rerun 1 (writes index, mix/)", dgaug("run", str(manifest))),
+        ("rerun 1 (splits the list; index, mix/)", dgaug("run", str(manifest))),
         ("status", dgaug("status", str(manifest))),
         ("rerun 2: nothing to do", dgaug("run", str(manifest))),
         ("plan (dry run)", dgaug("plan", str(manifest))),

@@ -21,7 +21,7 @@ from dgaug.pipeline.ledger import (
 )
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.mix import ViewFilter, write_mix
-from dgaug.pipeline.scan import StageScan, scan_stage, write_index
+from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stage, write_index
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 
@@ -218,7 +218,7 @@ def run_graph(
     with RunLock(storage) as lock:
         cleaned = storage.clean_scratch()
         # A run killed inside an atomic write leaves its hidden `.tmp`; nothing else removes it.
-        for rel in (f"{DGAUG_DIR}/inputs", f"{DGAUG_DIR}/source"):
+        for rel in (f"{DGAUG_DIR}/inputs", f"{DGAUG_DIR}/source", INDEX_DIR):
             cleaned += storage.clean_stray_temporaries(rel, recursive=True)
         if cleaned:
             log.info("removed %d temporary item(s) left by an interrupted run", cleaned)
