@@ -156,7 +156,8 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
         cwd=REPO_ROOT,
     )
     out = proc.stdout.read() if proc.stdout else b""
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     text = out.decode(errors="replace")
     hwm = [ln for ln in text.splitlines() if ln.startswith("VMHWM_KB=")]
@@ -164,6 +165,8 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 2),
         "rss_mb": round(int(hwm[-1].split("=")[1]) / 1024, 1) if hwm else None,
+        # CPU seconds of the process: on a shared machine its wall time includes waiting for a core.
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "rc": proc.returncode,
         "tail": text.strip().splitlines()[-12:],
     }
@@ -280,7 +283,11 @@ def run_one(store: str, shards: int, args: argparse.Namespace, work: Path, bucke
     rows = []
     for label, cmd in steps(store, output, manifest, args):
         r = timed(cmd)
-        print(f"[{store} N={shards}] {label}: {r['seconds']}s, {r['rss_mb']} MB, rc {r['rc']}")
+        print(
+            f"[{store} N={shards}] {label}: {r['seconds']}s wall, {r['cpu_s']}s CPU, "
+            f"{r['rss_mb']} MB, rc {r['rc']}",
+            flush=True,
+        )
         if r["rc"] not in (0,):
             print("\n".join(r["tail"]))
         rows.append({"step": label, **r})
@@ -331,22 +338,32 @@ def main() -> None:
         sys.exit(f"--template {args.template}: not a finished run (run manifests/demo.yaml first)")
     work = Path(args.work or tempfile.mkdtemp(prefix="dgaug-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict[str, Any]] = []
+    machine = describe_machine(("dgaug", "ray", "s3fs", "moto"))
+    path = RESULTS_DIR / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
     for store in args.store:
         with contextlib.ExitStack() as stack:
             bucket = stack.enter_context(s3_endpoint()) if store == "s3" else None
             for n in args.shards:
                 results.append(run_one(store, n, args, work, bucket))
-    machine = describe_machine(("dgaug", "ray", "s3fs", "moto"))
+                # After each size: a long run stopped later keeps what it measured.
+                write_json(path, {"machine": machine, "results": results})
     rows = [
-        [r["store"], r["shards"], r["markers"], s["step"], s["seconds"], s["rss_mb"], s["rc"]]
+        [
+            r["store"],
+            r["shards"],
+            r["markers"],
+            s["step"],
+            s["seconds"],
+            s.get("cpu_s"),
+            s["rss_mb"],
+            s["rc"],
+        ]
         for r in results
         for s in r["steps"]
     ]
     print(machine_line(machine))
-    print(format_table(["store", "N", "markers", "step", "s", "RSS MB", "rc"], rows))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = write_json(RESULTS_DIR / f"scale-{stamp}.json", {"machine": machine, "results": results})
+    print(format_table(["store", "N", "markers", "step", "wall s", "CPU s", "RSS MB", "rc"], rows))
     print(f"wrote {path}")
 
 

@@ -21,7 +21,7 @@ from dgaug.pipeline.ledger import (
 )
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.mix import ViewFilter, write_mix
-from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stage, write_index
+from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stage, scan_stages, write_index
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 
@@ -291,9 +291,10 @@ def run_graph(
                     s.errors[outcome.shard_id] = outcome.error or "unknown error"
 
         tar_sizes: dict[str, dict[str, int]] = {}  # stage folder -> sizes, for mix/
+        # What this run committed, and any shard lost meanwhile, as the view must show it.
+        scans = scan_stages(storage, [p.stage.output_dir for p in plans.values()])
         for p in plans.values():
-            # What this run committed, and any shard lost meanwhile, as the view must show it.
-            scan = scan_stage(storage, p.stage.output_dir)
+            scan = scans[p.stage.output_dir]
             refresh_index(storage, scan)
             sizes = write_sizes(storage, p, scan)
             if scan.damaged:

@@ -151,6 +151,17 @@ def scan_stage(storage: Storage, stage_dir: str, *, check_files: bool = True) ->
     return scan
 
 
+def scan_stages(storage: Storage, stage_dirs: list[str]) -> dict[str, StageScan]:
+    """scan_stage of every folder in `stage_dirs`, all at once: on an object store each is a few
+    listings' round trips, which overlap instead of adding up."""
+    if len(stage_dirs) <= 1 or storage.is_local:
+        return {d: scan_stage(storage, d) for d in stage_dirs}
+    with ThreadPoolExecutor(len(stage_dirs)) as pool:
+        return dict(
+            zip(stage_dirs, pool.map(lambda d: scan_stage(storage, d), stage_dirs), strict=True)
+        )
+
+
 def find_damaged(files: dict[str, tuple[int, str]], markers: dict[int, dict]) -> dict[int, str]:
     """Marked shards whose files (`files`: a listing of the stage folder) are missing or not of
     the size the marker recorded -> why, naming each file."""

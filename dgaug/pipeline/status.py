@@ -9,7 +9,7 @@ from typing import Any
 
 from dgaug.core.storage import PLAN_REL, Storage
 from dgaug.pipeline.lock import LOCK_REL
-from dgaug.pipeline.scan import scan_stage
+from dgaug.pipeline.scan import scan_stages
 
 
 @dataclass
@@ -66,10 +66,11 @@ def read_status(output: str) -> OutputStatus:
     except (FileNotFoundError, ValueError):
         lock = None
     stages = {}
+    scans = scan_stages(storage, [p["output_dir"] for p in plan.values()])
     for name, p in plan.items():
         shards = set(p["shards"])
         st = StageStatus(name, p["output_dir"], len(shards))
-        scan = scan_stage(storage, p["output_dir"])
+        scan = scans[p["output_dir"]]
         done_shards = set()
         for shard, m in scan.markers.items():
             if shard not in shards:
