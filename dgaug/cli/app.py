@@ -88,8 +88,11 @@ def status(
 ) -> None:
     """Per stage: shards done / failed / pending, samples, and skipped samples by reason.
 
-    Reads only the markers, so it is fast and works while a run is going (on any executor).
-    Exits 0 when every shard is committed, 1 if some failed, 4 if work remains.
+    Reads the markers' index and lists each stage folder (no read per shard), so it is fast and
+    works while a run is going (on any executor). A committed shard whose file is missing or of
+    another size than its marker says is shown as damaged: the next `dgaug run` redoes it.
+    Exits 0 when every shard is committed and whole, 1 if some failed, 4 if work remains
+    (pending or damaged shards).
     """
     m = load(manifest, set_)
     from dgaug.cli.progress import print_status
@@ -103,6 +106,42 @@ def status(
     if st.any_failed:
         raise typer.Exit(FAILED)
     raise typer.Exit(OK if st.complete else PENDING)
+
+
+@app.command()
+def verify(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Drop the markers of damaged shards (and their mix/ links) so that the next "
+            "`dgaug run` remakes them."
+        ),
+    ] = False,
+    threads: Annotated[int, typer.Option(help="Shards read at once.", min=1, max=256)] = 8,
+    errors: Annotated[int, typer.Option(help="Show up to this many damaged shards.")] = 20,
+) -> None:
+    """Read every committed shard in full and compare its sha256 with its marker: finds the
+    damage `dgaug status` cannot see (same size, other bytes) as well as missing or truncated
+    files. Local folders and object stores; parallel, with memory bounded whatever the size.
+
+    Exits 0 when every committed shard matches its marker; 1 when some are damaged (listed,
+    nothing changed); 4 when --repair dropped damaged shards' markers (run the same manifest
+    again to remake them) or no run has started.
+    """
+    m = load(manifest, set_)
+    from dgaug.cli.progress import print_verify, verify_progress
+    from dgaug.pipeline.verify import verify_output
+
+    with user_errors(), verify_progress(console()) as (on_start, on_shard):
+        result = verify_output(
+            m.output, repair=repair, threads=threads, on_start=on_start, on_shard=on_shard
+        )
+    print_verify(result, max_shown=errors)
+    if not result.started or result.repaired:
+        raise typer.Exit(PENDING)
+    raise typer.Exit(FAILED if result.damaged else OK)
 
 
 @app.command()

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from dgaug.pipeline.run import RunSummary, StagePlan
     from dgaug.pipeline.stage import ShardTask
     from dgaug.pipeline.status import OutputStatus
+    from dgaug.pipeline.verify import VerifyResult
 
 
 class RichProgress(RunListener):
@@ -131,6 +134,18 @@ def print_run_summary(summary: RunSummary) -> None:
                 markup=False,
                 soft_wrap=True,
             )
+        if s.redone:
+            out.print(
+                f"{s.name}: {s.redone} shard(s) were missing or damaged and have been redone",
+                markup=False,
+            )
+        for shard, why in sorted(s.damaged.items())[:5]:
+            out.print(
+                f"  {s.name} shard {shard:05d} is missing or damaged ({why}): not in the mix/ "
+                "view; run the same command again to redo it",
+                markup=False,
+                soft_wrap=True,
+            )
     if summary.ok:
         for s in summary.stages.values():
             # soft_wrap: a path broken over two lines cannot be copied (or found by a test).
@@ -176,7 +191,8 @@ def print_status(st: OutputStatus, max_errors: int = 10) -> None:
         out.print(f"{st.output}: no run yet.", markup=False)
         return
     t = Table(title=f"dgaug status: {st.output}")
-    for col in ("stage", "done", "failed", "pending", "samples", "skipped samples by reason"):
+    cols = ("stage", "done", "failed", "damaged", "pending", "samples", "skipped samples by reason")
+    for col in cols:
         t.add_column(
             col, justify="left" if col in ("stage", "skipped samples by reason") else "right"
         )
@@ -185,6 +201,7 @@ def print_status(st: OutputStatus, max_errors: int = 10) -> None:
             s.name,
             f"{s.done}/{s.planned}",
             str(s.failed),
+            str(len(s.damaged)),
             str(s.pending),
             str(s.samples),
             _reasons(dict(s.failures), top=6),
@@ -203,6 +220,15 @@ def print_status(st: OutputStatus, max_errors: int = 10) -> None:
                 f"{s.name}: {s.stale} shard(s) made with another config (rerun with --force)",
                 markup=False,
             )
+        for shard, why in sorted(s.damaged.items()):
+            if shown >= max_errors:
+                break
+            out.print(
+                f"  {s.name} {shard:05d}: damaged: {why} (the next `dgaug run` redoes it)",
+                markup=False,
+                soft_wrap=True,
+            )
+            shown += 1
         for shard, rec in sorted(s.errors.items()):
             if shown >= max_errors:
                 break
@@ -282,3 +308,67 @@ def print_train_result(result: Any) -> None:
     if result.table:
         out.print(result.table, markup=False, soft_wrap=True)
     out.print(f"results in {result.output}", markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def verify_progress(console: Console) -> Iterator[tuple[Callable, Callable]]:
+    """(on_start, on_shard) for `dgaug verify`: one bar of bytes read, with shards counted."""
+    progress = Progress(
+        TextColumn("verify"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[shards]} shard(s)"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    state: dict[str, Any] = {}
+
+    def on_start(shards: int, nbytes: int) -> None:
+        state["task"] = progress.add_task("verify", total=nbytes, shards=f"0/{shards}")
+        state["total"], state["done"] = shards, 0
+
+    def on_shard(stage: str, nbytes: int) -> None:
+        state["done"] += 1
+        progress.update(state["task"], advance=nbytes, shards=f"{state['done']}/{state['total']}")
+
+    with progress:
+        yield on_start, on_shard
+
+
+def print_verify(result: VerifyResult, max_shown: int = 20) -> None:
+    out = Console()
+    if not result.started:
+        out.print(f"{result.output}: no run yet: nothing to verify.", markup=False)
+        return
+    t = Table(title=f"dgaug verify: {result.output}")
+    for col in ("stage", "shards checked", "ok", "damaged", "bytes read", "markers dropped"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in result.stages.values():
+        t.add_row(
+            s.name, str(s.shards), str(s.ok), str(len(s.damaged)), str(s.bytes), str(s.repaired)
+        )
+    out.print(t)
+    shown = 0
+    for s in result.stages.values():
+        for shard, why in sorted(s.damaged.items()):
+            if shown < max_shown:
+                out.print(f"  {s.name} {shard:05d}: {why}", markup=False, soft_wrap=True)
+            shown += 1
+    if shown > max_shown:
+        out.print(f"  ... {shown - max_shown} more", markup=False)
+    if result.repaired:
+        out.print(
+            f"{result.repaired} damaged shard(s) dropped: run the same manifest again "
+            "(`dgaug run`) to remake them byte for byte.",
+            markup=False,
+        )
+    elif result.damaged:
+        out.print(
+            f"{result.damaged} damaged shard(s): `dgaug verify --repair MANIFEST` drops their "
+            "markers, then `dgaug run MANIFEST` remakes them. Nothing was changed.",
+            markup=False,
+        )
+    else:
+        out.print("every committed shard matches its marker.", markup=False)

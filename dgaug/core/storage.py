@@ -182,6 +182,43 @@ class Storage:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
+    def list_detail(self, rel: str) -> dict[str, tuple[int, str]]:
+        """Files in folder `rel` -> (size, stamp): one listing (on an object store, one request
+        per 1,000 names), no request per file. The stamp changes whenever the file is rewritten
+        (local: size, mtime and inode, as an atomic write makes a new inode; object stores:
+        the ETag, else size and modification time), so a cache keyed by it can be trusted."""
+        out: dict[str, tuple[int, str]] = {}
+        if self.is_local:
+            try:
+                with os.scandir(self.path(rel)) as it:
+                    for e in it:
+                        if e.is_file(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            out[e.name] = (st.st_size, f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            return out
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True, refresh=True)
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            size = int(e.get("size") or 0)
+            etag = e.get("ETag") or e.get("etag") or e.get("md5")
+            stamp = (
+                str(etag).strip('"')
+                if etag
+                else f"{size}:{e.get('LastModified') or e.get('mtime')}"
+            )
+            out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = (size, stamp)
+        return out
+
+    def open_read(self, rel: str) -> Any:
+        """A binary file object streaming `rel` (for hashing shards without holding them)."""
+        return self.fs.open(self.path(rel), "rb")
+
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 

@@ -21,6 +21,7 @@ from dgaug.pipeline.ledger import (
 )
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.mix import ViewFilter, write_mix
+from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stage, scan_stages, write_index
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 
@@ -57,6 +58,11 @@ class StagePlan:
     committed: set[int] = field(default_factory=set)  # planned shards already done, fingerprint ok
     mismatched: dict[int, list[str]] = field(default_factory=dict)  # shard -> changed fields
     extra: list[int] = field(default_factory=list)  # committed shards the plan no longer has
+    # Planned shards with this fingerprint whose files are missing or of another size than their
+    # marker says -> why: not committed, so this run redoes them (byte-identical: shards are
+    # deterministic); their downstream shards keep their markers.
+    damaged: dict[int, str] = field(default_factory=dict)
+    scan: StageScan | None = None  # what the output folder held when planned
 
     @property
     def fingerprint(self) -> str:
@@ -79,6 +85,8 @@ class StageSummary:
     samples: int = 0  # written this run
     failures: dict[str, int] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)  # still missing or damaged at the end
+    redone: int = 0  # damaged shards found when planned (redone by this run unless they failed)
 
 
 @dataclass
@@ -92,7 +100,7 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        return all(s.failed == 0 and s.blocked == 0 for s in self.stages.values())
+        return all(s.failed == 0 and s.blocked == 0 and not s.damaged for s in self.stages.values())
 
 
 def stage_context(
@@ -107,7 +115,6 @@ def plan_graph(
     stages: dict[str, Stage], manifest: Any, storage: Storage, *, dry_run: bool
 ) -> dict[str, StagePlan]:
     """Plan every stage (graph order) and compare with what is committed. Writes nothing if dry_run."""
-    ledger = Ledger(storage)
     ctx = stage_context(stages, manifest, storage, dry_run=dry_run)
     plans: dict[str, StagePlan] = {}
     for name, stage in stages.items():
@@ -118,17 +125,19 @@ def plan_graph(
         record = fingerprint_record(
             name, config, {up: plans[up].fingerprint for up in stage.upstream}
         )
-        plan = StagePlan(stage, tasks, record)
+        scan = scan_stage(storage, stage.output_dir)
+        plan = StagePlan(stage, tasks, record, scan=scan)
         planned_ids = {t.shard_id for t in tasks}
-        for shard, marker in ledger.committed(stage.output_dir).items():
+        for shard, marker in scan.markers.items():
             if shard not in planned_ids:
                 plan.extra.append(shard)
             elif marker.get("fingerprint") == plan.fingerprint:
-                plan.committed.add(shard)
+                if shard in scan.damaged:
+                    plan.damaged[shard] = scan.damaged[shard]
+                else:
+                    plan.committed.add(shard)
             else:
-                plan.mismatched[shard] = changed_fields(
-                    marker.get("fingerprint_record", {}), record
-                )
+                plan.mismatched[shard] = changed_fields(scan.record(shard), record)
         plans[name] = plan
     return plans
 
@@ -150,11 +159,11 @@ def _remove_shard(storage: Storage, ledger: Ledger, stage_dir: str, shard: int) 
         storage.remove(f"{stage_dir}/{name}")
 
 
-def write_sizes(storage: Storage, plan: StagePlan) -> dict[str, int]:
-    """`sizes.json` beside the shards ({"00000.tar": n, ...}) so open_clip needs no sample count."""
+def write_sizes(storage: Storage, plan: StagePlan, scan: StageScan) -> dict[str, int]:
+    """`sizes.json` beside the shards ({"00000.tar": n, ...}) so open_clip needs no sample count:
+    the planned shards committed under the plan's fingerprint whose files are whole in `scan`."""
     stage = plan.stage
-    ledger = Ledger(storage)
-    committed = ledger.committed(stage.output_dir)
+    committed = scan.committed(plan.fingerprint)
     sizes = {
         f"{stage.shard_name(t.shard_id)}{stage.shard_ext}": int(committed[t.shard_id]["samples"])
         for t in plan.tasks
@@ -163,6 +172,16 @@ def write_sizes(storage: Storage, plan: StagePlan) -> dict[str, int]:
     if stage.shard_ext == ".tar":
         storage.write_json(f"{stage.output_dir}/sizes.json", sizes)
     return sizes
+
+
+def refresh_index(storage: Storage, scan: StageScan) -> None:
+    """Rewrite a stage's marker index when the scan had to read markers (new ones, or an output
+    written before the index): the next status or resume then reads only what changes."""
+    if scan.read:
+        try:
+            write_index(storage, scan)
+        except OSError as e:  # only a cache: the markers still decide
+            log.warning("could not write the marker index of %s: %s", scan.stage_dir, e)
 
 
 def write_plan(storage: Storage, plans: dict[str, StagePlan]) -> None:
@@ -199,7 +218,7 @@ def run_graph(
     with RunLock(storage) as lock:
         cleaned = storage.clean_scratch()
         # A run killed inside an atomic write leaves its hidden `.tmp`; nothing else removes it.
-        for rel in (f"{DGAUG_DIR}/inputs", f"{DGAUG_DIR}/source"):
+        for rel in (f"{DGAUG_DIR}/inputs", f"{DGAUG_DIR}/source", INDEX_DIR):
             cleaned += storage.clean_stray_temporaries(rel, recursive=True)
         if cleaned:
             log.info("removed %d temporary item(s) left by an interrupted run", cleaned)
@@ -223,6 +242,19 @@ def run_graph(
                     len(p.extra),
                 )
         write_plan(storage, plans)
+        for p in plans.values():
+            if p.scan is not None:
+                refresh_index(storage, p.scan)
+            if p.damaged:
+                first = min(p.damaged)
+                log.warning(
+                    "%s: %d committed shard(s) are missing or damaged and will be redone "
+                    "(%05d: %s)",
+                    p.stage.name,
+                    len(p.damaged),
+                    first,
+                    p.damaged[first],
+                )
 
         summary = RunSummary(
             storage.root, {}, cleaned_temporaries=cleaned, took_over_lock=lock.took_over
@@ -231,7 +263,11 @@ def run_graph(
         todo: list[ShardTask] = []
         for name, p in plans.items():
             summary.stages[name] = StageSummary(
-                name, p.stage.output_dir, planned=len(p.tasks), skipped=len(p.committed)
+                name,
+                p.stage.output_dir,
+                planned=len(p.tasks),
+                skipped=len(p.committed),
+                redone=len(p.damaged),
             )
             satisfied |= {(name, s) for s in p.committed}
             todo += p.todo
@@ -255,8 +291,14 @@ def run_graph(
                     s.errors[outcome.shard_id] = outcome.error or "unknown error"
 
         tar_sizes: dict[str, dict[str, int]] = {}  # stage folder -> sizes, for mix/
+        # What this run committed, and any shard lost meanwhile, as the view must show it.
+        scans = scan_stages(storage, [p.stage.output_dir for p in plans.values()])
         for p in plans.values():
-            sizes = write_sizes(storage, p)
+            scan = scans[p.stage.output_dir]
+            refresh_index(storage, scan)
+            sizes = write_sizes(storage, p, scan)
+            if scan.damaged:
+                summary.stages[p.stage.name].damaged = dict(scan.damaged)
             if p.stage.shard_ext == ".tar":
                 tar_sizes[p.stage.output_dir] = sizes
         summary.mix = write_mix(storage, tar_sizes, view_filter)

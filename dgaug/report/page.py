@@ -217,12 +217,15 @@ def _state_line(view: RunView) -> str:
     planned = sum(s.planned for s in st.stages.values())
     done = sum(s.done for s in st.stages.values())
     failed = sum(s.failed for s in st.stages.values())
+    damaged = sum(len(s.damaged) for s in st.stages.values())
     if st.complete:
         return f"Complete: all {planned} planned shards are committed."
     text = f"Partial: {done} of {planned} planned shards committed"
-    return text + (
-        f", {failed} failed (run the same command again to retry them)." if failed else "."
-    )
+    if failed:
+        text += f", {failed} failed"
+    if damaged:
+        text += f", {damaged} damaged (missing or truncated since their commit)"
+    return text + (" (run the same command again to redo them)." if failed or damaged else ".")
 
 
 def run_section(view: RunView, figures: dict[str, bytes]) -> str:
@@ -244,6 +247,7 @@ def run_section(view: RunView, figures: dict[str, bytes]) -> str:
                 f"{s.output_dir}/",
                 f"{s.done} / {s.planned}",
                 s.failed,
+                len(s.damaged),
                 s.pending,
                 s.samples,
                 sum(s.failures.values()),
@@ -258,6 +262,7 @@ def run_section(view: RunView, figures: dict[str, bytes]) -> str:
                 "folder",
                 "shards done",
                 "failed",
+                "damaged",
                 "pending",
                 "samples",
                 "skipped samples",
@@ -297,6 +302,12 @@ def run_section(view: RunView, figures: dict[str, bytes]) -> str:
         [name, f"{shard:05d}", rec.get("attempts"), rec.get("failed_at"), _first_line(rec)]
         for name, s in st.stages.items()
         for shard, rec in sorted(s.errors.items())
+    ]
+    # A damaged shard is lost work like a failed one: the same table, the same remedy.
+    failed += [
+        [name, f"{shard:05d}", None, None, f"damaged: {why}"]
+        for name, s in st.stages.items()
+        for shard, why in sorted(s.damaged.items())
     ]
     if failed:
         out.append(
