@@ -173,7 +173,8 @@ def train(
         str | None,
         typer.Option(
             help="clip: contrastive training on real + ED-SAM shards; probe: a linear probe on "
-            "features (+ LDFS); coop: learned prompt context on features (+ LDFS).",
+            "features (+ LDFS); coop: learned prompt context on features (+ LDFS); cocoop: "
+            "CoOp plus a meta-net shifting the context per image.",
             show_default=False,
         ),
     ] = None,

@@ -22,17 +22,17 @@ class TrainData(_Strict):
         None, description="Folder of ED-SAM shards paired with `real` by source key (clip mode)."
     )
     features: str | None = Field(
-        None, description="Folder of features Parquet files (probe and coop modes)."
+        None, description="Folder of features Parquet files (probe, coop and cocoop modes)."
     )
     ldfs: str | None = Field(
-        None, description="Folder of LDFS synthetic features Parquet files (probe and coop)."
+        None, description="Folder of LDFS synthetic features Parquet files (probe, coop, cocoop)."
     )
     domains: list[str] | None = Field(
         None,
         description="Train only on samples of these domains (single-source DG: one); null: all.",
     )
     edsam_features: bool = Field(
-        False, description="probe/coop: also train on the ED-SAM rows of the features files."
+        False, description="probe/coop/cocoop: also train on the ED-SAM rows of the features files."
     )
     min_caption_score: float | None = cosine_bound(
         "Leave out ED-SAM samples whose caption_score (cos to their caption, in the features "
@@ -84,10 +84,11 @@ class EvalConfig(_Strict):
 class TrainConfig(_Strict):
     """One training run of the lightweight trainer (`dgaug train`)."""
 
-    mode: Literal["clip", "probe", "coop"] = Field(
+    mode: Literal["clip", "probe", "coop", "cocoop"] = Field(
         "clip",
         description="clip: contrastive training of an open_clip model on real + ED-SAM pairs; "
-        "probe: a linear probe on features (real + LDFS); coop: learnable prompt context.",
+        "probe: a linear probe on features (real + LDFS); coop: learnable prompt context; "
+        "cocoop: CoOp's context shifted per image by a meta-net of its feature.",
     )
     model: str | None = Field(
         None,
@@ -123,9 +124,16 @@ class TrainConfig(_Strict):
         description="clip: the share of each real batch that also gets one of its ED-SAM samples; "
         "the loss is L_CLIP(real) + L_CLIP(ED-SAM, same captions). 0: real only.",
     )
-    n_ctx: int = Field(4, ge=1, le=32, description="coop: learnable context tokens.")
+    synthetic_weight: float = Field(
+        1.0,
+        ge=0,
+        description="probe, coop, cocoop: the loss weight of each LDFS synthetic row (a real row "
+        "weighs 1). 0: the synthetic rows are not read (training on real only).",
+    )
+    n_ctx: int = Field(4, ge=1, le=32, description="coop, cocoop: learnable context tokens.")
     ctx_init: str | None = Field(
-        "a photo of a", description="coop: n_ctx words the context starts from; null: random."
+        "a photo of a",
+        description="coop, cocoop: n_ctx words the context starts from; null: random.",
     )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
