@@ -238,6 +238,33 @@ def train(
     print_train_result(result)
 
 
+@app.command()
+def dg(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    """Domain-generalization sweep: single-source and leave-one-domain-out training over arms
+    (zero-shot, probe, CoOp, CoCoOp) x augmentations (none, LADS, LDFS) x seeds; prints
+    DomainBed-style tables (mean ± std over seeds per target domain) and writes them to
+    OUTPUT/dg/table.json and table.md.
+
+    The manifest's `dg:` section chooses protocols, arms, augmentations and seeds; its `train:`
+    section the trainer's settings; its features and ldfs stages are run per split. Running the
+    same command again redoes only what is not finished.
+    """
+    from dgaug.job.dg import sweep
+    from dgaug.job.dg_table import markdown
+
+    with user_errors():
+        m = load(manifest, set_)
+    setup_logging(verbose)
+    out = console()
+    with user_errors(RESUME):
+        record = sweep(m, on_event=lambda line: out.print(line, markup=False, highlight=False))
+    out.print(markdown(record), markup=False, highlight=False)
+
+
 app.command()(report)
 
 

@@ -51,11 +51,12 @@ class TrainData(_Strict):
 class EvalConfig(_Strict):
     """The held-out evaluation set and what is measured on it."""
 
-    kind: Literal["image_folder", "shards"] = "image_folder"
+    kind: Literal["image_folder", "shards", "features"] = "image_folder"
     path: str | None = Field(
         None,
         description="image_folder: root/<domain>/<class>/*.jpg; shards: a folder of .tar shards "
-        "whose json has label and domain. null: no evaluation.",
+        "whose json has label and domain; features: a features stage's Parquet folder (its real "
+        "rows, embedded by the model that made them: probe, coop, cocoop only). null: none.",
     )
     domains: list[str] | None = Field(None, description="Domains to evaluate; null: all found.")
     caption_template: str = Field(
@@ -154,6 +155,11 @@ class TrainConfig(_Strict):
         if self.output is None:
             out.append("train.output: required (where checkpoints and results go)")
         if self.mode == "clip":
+            if self.eval.kind == "features":
+                out.append(
+                    "train.eval.kind: features are the starting model's embeddings; clip mode "
+                    "changes the model, so it evaluates images (image_folder or shards)"
+                )
             if self.data.real is None:
                 out.append("train.data.real: clip mode needs a folder of real shards")
             if self.data.score_filter.active and self.data.features is None:

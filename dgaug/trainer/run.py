@@ -222,7 +222,7 @@ def _classes(train: FeatureSet) -> list[str]:
 
 
 def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
-    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import ProbeTask
 
     phase("reading features")
@@ -234,12 +234,11 @@ def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     weights = {"weight": task.weight.detach(), "bias": task.bias.detach()}
     _save_weights(Path(cfg.output) / MODEL_FILE, weights, {"model": model, "classes": classnames})
     result = _result(cfg, model, fitted, classnames)
-    pairs = load_eval_set(cfg.eval)
-    if pairs:
+    if cfg.eval.path is not None:
         phase("evaluating")
         clip = _load(cfg, model)
         _check_dim(clip, train_set)
-        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        data = eval_embeddings(cfg.eval, clip)
         head = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
         with torch.no_grad():
             result.eval = _evaluate(cfg, data, classnames, head, None, probe=task.logits)
@@ -247,7 +246,7 @@ def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
 
 
 def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
-    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import CoopTask
     from dgaug.trainer.prompts import PromptLearner
 
@@ -271,10 +270,9 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
         {"model": model, "classes": classnames},
     )
     result = _result(cfg, model, fitted, classnames)
-    pairs = load_eval_set(cfg.eval)
-    if pairs:
+    if cfg.eval.path is not None:
         phase("evaluating")
-        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        data = eval_embeddings(cfg.eval, clip)
         learned = zero_shot_head(learner.class_embeddings())
         start = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
         result.eval = _evaluate(cfg, data, classnames, learned, (start, data.images))
@@ -283,7 +281,7 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
 
 def _train_cocoop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     from dgaug.trainer.cocoop import ConditionalPromptLearner
-    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import CocoopTask
 
     phase("reading features")
@@ -312,10 +310,9 @@ def _train_cocoop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
         {"model": model, "classes": classnames},
     )
     result = _result(cfg, model, fitted, classnames)
-    pairs = load_eval_set(cfg.eval)
-    if pairs:
+    if cfg.eval.path is not None:
         phase("evaluating")
-        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        data = eval_embeddings(cfg.eval, clip)
         start = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
         learned = learner.classifier()
         result.eval = _evaluate(cfg, data, classnames, learned, (start, data.images))
