@@ -191,7 +191,7 @@ def _pipeline(m, dg, folder, domains, out: Path, ldfs, seed: int, say) -> Path:
         }
     manifest = validate(data)
     what = "ldfs " + ldfs[0] if ldfs else "features"
-    say(f"{out.relative_to(out.parents[2])}: {what}")
+    say(f"{Path(*out.parts[-3:])}: {what}")
     summary = run_pipeline(manifest)
     if not summary.ok:
         raise RuntimeError(f"the pipeline run into {out} failed; see `dgaug status` there")
@@ -234,28 +234,22 @@ def _train_cells(m, dg: DgConfig, split: Split, base: Path, synth, evals: Path, 
     if "zero_shot" in dg.arms and "probe" not in modes:
         modes.insert(0, "probe")  # the zero-shot numbers come with the probe's evaluation
     for mode in modes:
-        for aug in dg.augmentations:
+        metric = "probe" if mode == "probe" else "zero_shot"
+        # A probe run only for the zero-shot numbers needs one augmentation: the head is the same.
+        augs = dg.augmentations if mode in dg.arms else dg.augmentations[:1]
+        for aug in augs:
             for seed in dg.seeds:
                 name = f"{mode}-{aug}-s{seed}"
                 ldfs = None if aug == "none" else synth[aug, seed]
-                ev = _cell(
-                    m, dg, mode, split, base, ldfs, evals, seed, work / "cells" / split.name / name
-                )
+                cell_dir = work / "cells" / split.name / name
+                ev = _cell(m, dg, mode, split, base, ldfs, evals, seed, cell_dir)["domains"]
                 if mode in dg.arms:
-                    metric = "probe" if mode == "probe" else "zero_shot"
-                    out[name] = {t: ev["domains"][t][metric] for t in split.targets}
-                if mode == "probe" and aug == dg.augmentations[0] and "zero_shot" in dg.arms:
+                    out[name] = {t: ev[t][metric] for t in split.targets}
+                if mode == "probe" and aug == augs[0] and "zero_shot" in dg.arms:
                     # The frozen CLIP's zero-shot head: the same for every augmentation.
-                    out[f"zero_shot-none-s{seed}"] = {
-                        t: ev["domains"][t]["zero_shot"] for t in split.targets
-                    }
-                say(
-                    f"{split.name} {name}: "
-                    + ", ".join(
-                        f"{t} {v['zero_shot' if mode != 'probe' else 'probe']:.3f}"
-                        for t, v in ((t, ev["domains"][t]) for t in split.targets)
-                    )
-                )
+                    out[f"zero_shot-none-s{seed}"] = {t: ev[t]["zero_shot"] for t in split.targets}
+                scores = ", ".join(f"{t} {ev[t][metric]:.3f}" for t in split.targets)
+                say(f"{split.name} {name}: {scores}")
     return out
 
 
