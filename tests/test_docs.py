@@ -10,6 +10,7 @@ import yaml
 from braceexpand import braceexpand
 from pydantic import BaseModel
 
+from dgaug.job.dg_config import DgConfig
 from dgaug.job.manifest import (
     ExecutorConfig,
     ImageFolderSource,
@@ -50,6 +51,7 @@ def test_every_manifest_field_is_documented() -> None:
         TrainConfig,
         TrainData,
         EvalConfig,
+        DgConfig,
     ]
     missing = [
         f"{m.__name__}.{name}"

@@ -213,7 +213,8 @@ def train(
         str | None,
         typer.Option(
             help="clip: contrastive training on real + ED-SAM shards; probe: a linear probe on "
-            "features (+ LDFS); coop: learned prompt context on features (+ LDFS).",
+            "features (+ LDFS); coop: learned prompt context on features (+ LDFS); cocoop: "
+            "CoOp plus a meta-net shifting the context per image.",
             show_default=False,
         ),
     ] = None,
@@ -275,6 +276,33 @@ def train(
     with user_errors(RESUME), train_progress(console(), cfg.mode) as (on_step, on_phase):
         result = run_training(cfg, on_step=on_step, on_phase=on_phase)
     print_train_result(result)
+
+
+@app.command()
+def dg(
+    manifest: ManifestArg,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    """Domain-generalization sweep: single-source and leave-one-domain-out training over arms
+    (zero-shot, probe, CoOp, CoCoOp) x augmentations (none, LADS, LDFS) x seeds; prints
+    DomainBed-style tables (mean ± std over seeds per target domain) and writes them to
+    OUTPUT/dg/table.json and table.md.
+
+    The manifest's `dg:` section chooses protocols, arms, augmentations and seeds; its `train:`
+    section the trainer's settings; its features and ldfs stages are run per split. Running the
+    same command again redoes only what is not finished.
+    """
+    from dgaug.job.dg import sweep
+    from dgaug.job.dg_table import markdown
+
+    with user_errors():
+        m = load(manifest, set_)
+    setup_logging(verbose)
+    out = console()
+    with user_errors(RESUME):
+        record = sweep(m, on_event=lambda line: out.print(line, markup=False, highlight=False))
+    out.print(markdown(record), markup=False, highlight=False)
 
 
 app.command()(report)

@@ -18,6 +18,7 @@ from dgaug.core.values import (
     url_secret,
     value_problems,
 )
+from dgaug.job.dg_config import DgConfig
 from dgaug.job.view import MixConfig
 from dgaug.pipeline.resources import ExecutorConfig, StageResources
 from dgaug.sources import (  # the source kinds' schemas, read from here with the rest
@@ -75,6 +76,10 @@ class Manifest(_Strict):
     )
     train: TrainConfig | None = Field(
         None, description="`dgaug train MANIFEST`: the lightweight trainer; `dgaug run` ignores it."
+    )
+    dg: DgConfig | None = Field(
+        None,
+        description="`dgaug dg MANIFEST`: the domain-generalization sweep; `dgaug run` ignores it.",
     )
 
     @field_validator("output")

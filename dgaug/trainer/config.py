@@ -22,17 +22,17 @@ class TrainData(_Strict):
         None, description="Folder of ED-SAM shards paired with `real` by source key (clip mode)."
     )
     features: str | None = Field(
-        None, description="Folder of features Parquet files (probe and coop modes)."
+        None, description="Folder of features Parquet files (probe, coop and cocoop modes)."
     )
     ldfs: str | None = Field(
-        None, description="Folder of LDFS synthetic features Parquet files (probe and coop)."
+        None, description="Folder of LDFS synthetic features Parquet files (probe, coop, cocoop)."
     )
     domains: list[str] | None = Field(
         None,
         description="Train only on samples of these domains (single-source DG: one); null: all.",
     )
     edsam_features: bool = Field(
-        False, description="probe/coop: also train on the ED-SAM rows of the features files."
+        False, description="probe/coop/cocoop: also train on the ED-SAM rows of the features files."
     )
     min_caption_score: float | None = cosine_bound(
         "Leave out ED-SAM samples whose caption_score (cos to their caption, in the features "
@@ -51,11 +51,12 @@ class TrainData(_Strict):
 class EvalConfig(_Strict):
     """The held-out evaluation set and what is measured on it."""
 
-    kind: Literal["image_folder", "shards"] = "image_folder"
+    kind: Literal["image_folder", "shards", "features"] = "image_folder"
     path: str | None = Field(
         None,
         description="image_folder: root/<domain>/<class>/*.jpg; shards: a folder of .tar shards "
-        "whose json has label and domain. null: no evaluation.",
+        "whose json has label and domain; features: a features stage's Parquet folder (its real "
+        "rows, embedded by the model that made them: probe, coop, cocoop only). null: none.",
     )
     domains: list[str] | None = Field(None, description="Domains to evaluate; null: all found.")
     caption_template: str = Field(
@@ -84,10 +85,11 @@ class EvalConfig(_Strict):
 class TrainConfig(_Strict):
     """One training run of the lightweight trainer (`dgaug train`)."""
 
-    mode: Literal["clip", "probe", "coop"] = Field(
+    mode: Literal["clip", "probe", "coop", "cocoop"] = Field(
         "clip",
         description="clip: contrastive training of an open_clip model on real + ED-SAM pairs; "
-        "probe: a linear probe on features (real + LDFS); coop: learnable prompt context.",
+        "probe: a linear probe on features (real + LDFS); coop: learnable prompt context; "
+        "cocoop: CoOp's context shifted per image by a meta-net of its feature.",
     )
     model: str | None = Field(
         None,
@@ -123,9 +125,16 @@ class TrainConfig(_Strict):
         description="clip: the share of each real batch that also gets one of its ED-SAM samples; "
         "the loss is L_CLIP(real) + L_CLIP(ED-SAM, same captions). 0: real only.",
     )
-    n_ctx: int = Field(4, ge=1, le=32, description="coop: learnable context tokens.")
+    synthetic_weight: float = Field(
+        1.0,
+        ge=0,
+        description="probe, coop, cocoop: the loss weight of each LDFS synthetic row (a real row "
+        "weighs 1). 0: the synthetic rows are not read (training on real only).",
+    )
+    n_ctx: int = Field(4, ge=1, le=32, description="coop, cocoop: learnable context tokens.")
     ctx_init: str | None = Field(
-        "a photo of a", description="coop: n_ctx words the context starts from; null: random."
+        "a photo of a",
+        description="coop, cocoop: n_ctx words the context starts from; null: random.",
     )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
@@ -146,6 +155,11 @@ class TrainConfig(_Strict):
         if self.output is None:
             out.append("train.output: required (where checkpoints and results go)")
         if self.mode == "clip":
+            if self.eval.kind == "features":
+                out.append(
+                    "train.eval.kind: features are the starting model's embeddings; clip mode "
+                    "changes the model, so it evaluates images (image_folder or shards)"
+                )
             if self.data.real is None:
                 out.append("train.data.real: clip mode needs a folder of real shards")
             if self.data.score_filter.active and self.data.features is None:

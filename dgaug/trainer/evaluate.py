@@ -7,12 +7,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from dgaug.trainer.config import EvalConfig
 from dgaug.trainer.data import (
     DataError,
+    ImageRef,
     Pair,
     filter_domains,
     index_shards,
@@ -28,6 +30,55 @@ from dgaug.trainer.metrics import (
 from dgaug.trainer.modes import load_pixels
 
 KS = (1, 5, 10)
+
+
+def eval_embeddings(cfg: EvalConfig, clip) -> Embedded | None:
+    """The evaluation set embedded by `clip`: images through it, or (kind features) the cached
+    embeddings of a features stage's real rows, made by the same model. None: no evaluation."""
+    if cfg.path is None:
+        return None
+    if cfg.kind == "features":
+        return read_eval_features(cfg)
+    pairs = load_eval_set(cfg)
+    return embed_eval_set(clip, pairs, batch_size=cfg.batch_size, threads=4)
+
+
+def read_eval_features(cfg: EvalConfig) -> Embedded:
+    """The real rows of a features folder as an evaluation set: image and caption embeddings,
+    label and domain, in file and row order (at most max_per_domain per domain)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dgaug.core.parquet import embedding_matrix
+
+    pairs: list[Pair] = []
+    images, captions = [], []
+    seen: dict[str | None, int] = {}
+    columns = ["key", "origin", "caption", "label", "domain", "image_embedding", "text_embedding"]
+    for path in sorted(Path(cfg.path).glob("*.parquet")):
+        t = pq.read_table(path, columns=columns)
+        t = t.filter(pc.equal(t["origin"], "real"))
+        keep = []
+        for i, (label, domain) in enumerate(
+            zip(t["label"].to_pylist(), t["domain"].to_pylist(), strict=True)
+        ):
+            if label is None or (cfg.domains is not None and domain not in cfg.domains):
+                continue
+            seen[domain] = seen.get(domain, 0) + 1
+            if cfg.max_per_domain is None or seen[domain] <= cfg.max_per_domain:
+                keep.append(i)
+        t = t.take(keep)
+        names = zip(t["key"].to_pylist(), t["caption"].to_pylist(), strict=True)
+        labels, domains = t["label"].to_pylist(), t["domain"].to_pylist()
+        for (key, caption), label, domain in zip(names, labels, domains, strict=True):
+            pairs.append(Pair(key, caption or "", ImageRef(str(path)), label, domain))
+        images.append(torch.from_numpy(embedding_matrix(t["image_embedding"]).copy()))
+        captions.append(torch.from_numpy(embedding_matrix(t["text_embedding"]).copy()))
+    if not pairs:
+        raise DataError(
+            f"{cfg.path}: no labelled real rows in its features files (domains {cfg.domains})"
+        )
+    return Embedded(pairs, torch.cat(images).float(), torch.cat(captions).float())
 
 
 def load_eval_set(cfg: EvalConfig) -> list[Pair]:

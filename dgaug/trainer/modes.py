@@ -1,4 +1,4 @@
-"""The three training modes as loop tasks: contrastive CLIP on pairs, a linear probe, CoOp prompts."""
+"""The training modes as loop tasks: contrastive CLIP on pairs, a linear probe, CoOp, CoCoOp."""
 
 from __future__ import annotations
 
@@ -147,16 +147,41 @@ class ClipTask:
         self.pool.shutdown(wait=True)
 
 
-class _FeatureTask:
-    """Shared by the feature modes: float32 features with class indices, batches by seeded order."""
+def weighted_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean cross-entropy with each row's loss times its weight (None: all 1).
 
-    def __init__(self, train: FeatureSet, classnames: Sequence[str], batch_size: int, seed: int):
+    Divided by the batch size, not by the sum of the weights: a batch of synthetic rows alone
+    then still counts `synthetic_weight` times a real one, as a weighted empirical risk does.
+    """
+    if weights is None:
+        return F.cross_entropy(logits, y)
+    w = weights.to(logits.device)
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum() / len(y)
+
+
+class _FeatureTask:
+    """Shared by the feature modes: float32 features with class indices, batches by seeded order.
+
+    `weights`: one loss weight per row of `train` (the real : synthetic weight); None: all 1.
+    """
+
+    def __init__(
+        self,
+        train: FeatureSet,
+        classnames: Sequence[str],
+        batch_size: int,
+        seed: int,
+        weights: torch.Tensor | None = None,
+    ):
         index = {c: i for i, c in enumerate(classnames)}
         keep = [i for i, label in enumerate(train.labels) if label in index]
         if not keep:
             raise DataError("no training row has a label among the classes")
         self.x = F.normalize(train.embeddings[keep].float(), dim=-1)
         self.y = torch.tensor([index[train.labels[i]] for i in keep])
+        self.w = None if weights is None else weights.float()[keep]
         self.batch_size = min(batch_size, len(keep))
         self.seed = seed
         self._order: tuple[int, torch.Tensor] | None = None
@@ -164,11 +189,17 @@ class _FeatureTask:
     def micro_batches_per_epoch(self) -> int:
         return len(self.y) // self.batch_size
 
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, epoch: int, index: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.y), self.seed, epoch))
-        idx = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        return self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._indices(epoch, index)
         return self.x[idx], self.y[idx]
+
+    def batch_weights(self, epoch: int, index: int) -> torch.Tensor | None:
+        return None if self.w is None else self.w[self._indices(epoch, index)]
 
     def close(self) -> None:
         pass
@@ -177,8 +208,15 @@ class _FeatureTask:
 class ProbeTask(_FeatureTask):
     """A linear classifier on frozen CLIP image features (real, plus LDFS synthetic rows)."""
 
-    def __init__(self, train: FeatureSet, classnames: Sequence[str], batch_size: int, seed: int):
-        super().__init__(train, classnames, batch_size, seed)
+    def __init__(
+        self,
+        train: FeatureSet,
+        classnames: Sequence[str],
+        batch_size: int,
+        seed: int,
+        weights: torch.Tensor | None = None,
+    ):
+        super().__init__(train, classnames, batch_size, seed, weights)
         g = torch.Generator().manual_seed(_seed(seed, "probe-init"))
         d, c = self.x.shape[1], len(classnames)
         self.weight = torch.nn.Parameter(torch.randn(c, d, generator=g) * 0.01)
@@ -192,14 +230,23 @@ class ProbeTask(_FeatureTask):
 
     def loss(self, epoch: int, index: int) -> torch.Tensor:
         x, y = self.batch(epoch, index)
-        return F.cross_entropy(self.logits(x), y)
+        return weighted_cross_entropy(self.logits(x), y, self.batch_weights(epoch, index))
 
 
 class CoopTask(_FeatureTask):
     """CoOp: learnable context words before each class name; CLIP and the image features frozen."""
 
-    def __init__(self, learner, train: FeatureSet, classnames, batch_size: int, seed: int, scale):
-        super().__init__(train, classnames, batch_size, seed)
+    def __init__(
+        self,
+        learner,
+        train: FeatureSet,
+        classnames,
+        batch_size: int,
+        seed: int,
+        scale,
+        weights=None,
+    ):
+        super().__init__(train, classnames, batch_size, seed, weights)
         self.learner = learner
         self.scale = float(scale)
 
@@ -210,4 +257,15 @@ class CoopTask(_FeatureTask):
         x, y = self.batch(epoch, index)
         classes = self.learner().float()
         x, y = x.to(classes.device), y.to(classes.device)
-        return F.cross_entropy(self.scale * x @ classes.T, y)
+        logits = self.scale * x @ classes.T
+        return weighted_cross_entropy(logits, y, self.batch_weights(epoch, index))
+
+
+class CocoopTask(CoopTask):
+    """CoCoOp: CoOp's context plus a meta-net shift per image; the class texts are re-encoded for
+    every image of the batch (B * C prompts through the frozen text tower per micro-batch)."""
+
+    def loss(self, epoch: int, index: int) -> torch.Tensor:
+        x, y = self.batch(epoch, index)
+        logits = self.scale * self.learner.logits(x)
+        return weighted_cross_entropy(logits, y.to(logits.device), self.batch_weights(epoch, index))

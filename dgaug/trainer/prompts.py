@@ -121,18 +121,34 @@ class PromptLearner(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         """[C, embed_dim] unit-norm class text embeddings, differentiable w.r.t. `ctx` only."""
+        return self.encode(self.ctx.unsqueeze(0))[0]
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """[B, C, embed_dim] unit-norm class text embeddings for B context sets ctx [B, n_ctx, w].
+
+        CoCoOp gives every image its own context set; CoOp's one set is B = 1. The B * C prompts
+        run through the text tower as one batch.
+        """
         model = self._clip
         device = model.positional_embedding.device
         cast_dtype = model.transformer.get_cast_dtype()
         prefix = self.token_prefix.to(device)
         suffix = self.token_suffix.to(device)
-        text = self.tokenized_prompts.to(device)
-        ctx = self.ctx.to(device=device, dtype=prefix.dtype)
-        ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        n_sets, n_cls = ctx.shape[0], prefix.shape[0]
+        text = self.tokenized_prompts.to(device).repeat(n_sets, 1)
+        ctx = ctx.to(device=device, dtype=prefix.dtype).unsqueeze(1)
+        ctx = ctx.expand(-1, n_cls, -1, -1)
 
         # From here on, open_clip.CLIP.encode_text with the token embeddings replaced.
-        x = torch.cat([prefix, ctx, suffix], dim=1).to(cast_dtype)
-        x = x + model.positional_embedding.to(cast_dtype)
+        x = torch.cat(
+            [
+                prefix.expand(n_sets, -1, -1, -1),
+                ctx,
+                suffix.expand(n_sets, -1, -1, -1),
+            ],
+            dim=2,
+        ).flatten(0, 1)
+        x = x.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
         x = model.transformer(x, attn_mask=model.attn_mask)
         x = model.ln_final(x)
         x = text_global_pool(
@@ -143,7 +159,7 @@ class PromptLearner(torch.nn.Module):
                 x = model.text_projection(x)
             else:
                 x = x @ model.text_projection
-        return F.normalize(x, dim=-1)
+        return F.normalize(x, dim=-1).unflatten(0, (n_sets, n_cls))
 
     @torch.no_grad()
     def class_embeddings(self) -> torch.Tensor:

@@ -50,6 +50,9 @@ class TrainResult:
 
 def fingerprint(cfg: TrainConfig, model: str) -> str:
     record = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    if record["synthetic_weight"] == 1.0:
+        # Added later with 1 meaning what came before: checkpoints made earlier still resume.
+        del record["synthetic_weight"]
     record["model"] = model
     return record_hash(record, 16)
 
@@ -101,7 +104,12 @@ def train(
     )
     # The loaders and the probe run on the CPU whatever the device: pin threads there.
     with cpu_threads(cfg.cpu_threads, torch.device("cpu")):
-        runner = {"clip": _train_clip, "probe": _train_probe, "coop": _train_coop}[cfg.mode]
+        runner = {
+            "clip": _train_clip,
+            "probe": _train_probe,
+            "coop": _train_coop,
+            "cocoop": _train_cocoop,
+        }[cfg.mode]
         result = runner(cfg, model, fp, settings, on_step, phase)
     _write_json(output / TRAIN_JSON, _train_record(cfg, model, fp, result))
     if result.eval is not None:
@@ -181,18 +189,26 @@ def _left_out(cfg: TrainConfig, phase) -> set[str]:
     return left_out
 
 
-def _train_set(cfg: TrainConfig, phase) -> FeatureSet:
+def _train_set(cfg: TrainConfig, phase) -> tuple[FeatureSet, torch.Tensor | None]:
+    """The training rows and their loss weights (None: all 1): real rows weigh 1, LDFS synthetic
+    rows `synthetic_weight`; at 0 the synthetic rows are not read at all."""
     origins = ("real", "edsam") if cfg.data.edsam_features else ("real",)
     real = read_features(cfg.data.features, origins=origins, domains=cfg.data.domains)
     if cfg.data.edsam_features:
         left_out = _left_out(cfg, phase)
         if left_out:
             real = real.subset([i for i, k in enumerate(real.keys) if k not in left_out])
-    if not cfg.data.ldfs:
-        return real
+    if not cfg.data.ldfs or cfg.synthetic_weight == 0:
+        return real, None
     # Only what LDFS made from the training rows: another domain's real rows must not leak in.
     sources = set(real.keys) if cfg.data.domains is not None else None
-    return FeatureSet.concat([real, read_synthetic(cfg.data.ldfs, sources=sources)])
+    synthetic = read_synthetic(cfg.data.ldfs, sources=sources)
+    rows = FeatureSet.concat([real, synthetic])
+    if cfg.synthetic_weight == 1.0:
+        return rows, None
+    weights = torch.ones(len(rows))
+    weights[len(real) :] = cfg.synthetic_weight
+    return rows, weights
 
 
 def _classes(train: FeatureSet) -> list[str]:
@@ -206,24 +222,23 @@ def _classes(train: FeatureSet) -> list[str]:
 
 
 def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
-    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import ProbeTask
 
     phase("reading features")
-    train_set = _train_set(cfg, phase)
+    train_set, weights = _train_set(cfg, phase)
     classnames = _classes(train_set)
-    task = ProbeTask(train_set, classnames, cfg.batch_size, cfg.seed)
+    task = ProbeTask(train_set, classnames, cfg.batch_size, cfg.seed, weights)
     phase(f"training a linear probe on {len(task.y)} features")
     fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
     weights = {"weight": task.weight.detach(), "bias": task.bias.detach()}
     _save_weights(Path(cfg.output) / MODEL_FILE, weights, {"model": model, "classes": classnames})
     result = _result(cfg, model, fitted, classnames)
-    pairs = load_eval_set(cfg.eval)
-    if pairs:
+    if cfg.eval.path is not None:
         phase("evaluating")
         clip = _load(cfg, model)
         _check_dim(clip, train_set)
-        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        data = eval_embeddings(cfg.eval, clip)
         head = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
         with torch.no_grad():
             result.eval = _evaluate(cfg, data, classnames, head, None, probe=task.logits)
@@ -231,12 +246,12 @@ def _train_probe(cfg, model, fp, settings, on_step, phase) -> TrainResult:
 
 
 def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
-    from dgaug.trainer.evaluate import class_prompts, embed_eval_set, load_eval_set, zero_shot_head
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import CoopTask
     from dgaug.trainer.prompts import PromptLearner
 
     phase("reading features")
-    train_set = _train_set(cfg, phase)
+    train_set, weights = _train_set(cfg, phase)
     classnames = _classes(train_set)
     clip = _load(cfg, model)
     _check_dim(clip, train_set)
@@ -244,7 +259,9 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     learner = PromptLearner(
         clip.model, clip.tokenizer, words, n_ctx=cfg.n_ctx, init=cfg.ctx_init, seed=cfg.seed
     )
-    task = CoopTask(learner, train_set, classnames, cfg.batch_size, cfg.seed, clip.logit_scale)
+    task = CoopTask(
+        learner, train_set, classnames, cfg.batch_size, cfg.seed, clip.logit_scale, weights
+    )
     phase(f"learning {cfg.n_ctx} context tokens on {len(task.y)} features")
     fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
     _save_weights(
@@ -253,12 +270,51 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
         {"model": model, "classes": classnames},
     )
     result = _result(cfg, model, fitted, classnames)
-    pairs = load_eval_set(cfg.eval)
-    if pairs:
+    if cfg.eval.path is not None:
         phase("evaluating")
-        data = embed_eval_set(clip, pairs, batch_size=cfg.eval.batch_size, threads=4)
+        data = eval_embeddings(cfg.eval, clip)
         learned = zero_shot_head(learner.class_embeddings())
         start = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
+        result.eval = _evaluate(cfg, data, classnames, learned, (start, data.images))
+    return result
+
+
+def _train_cocoop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
+    from dgaug.trainer.cocoop import ConditionalPromptLearner
+    from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
+    from dgaug.trainer.modes import CocoopTask
+
+    phase("reading features")
+    train_set, weights = _train_set(cfg, phase)
+    classnames = _classes(train_set)
+    clip = _load(cfg, model)
+    _check_dim(clip, train_set)
+    words = [c.replace("_", " ") for c in classnames]
+    learner = ConditionalPromptLearner(
+        clip.model,
+        clip.tokenizer,
+        words,
+        image_dim=clip.embed_dim,
+        n_ctx=cfg.n_ctx,
+        init=cfg.ctx_init,
+        seed=cfg.seed,
+    )
+    task = CocoopTask(
+        learner, train_set, classnames, cfg.batch_size, cfg.seed, clip.logit_scale, weights
+    )
+    phase(f"learning {cfg.n_ctx} context tokens and a meta-net on {len(task.y)} features")
+    fitted = fit(task, settings, Path(cfg.output), fp, on_step=on_step)
+    _save_weights(
+        Path(cfg.output) / MODEL_FILE,
+        {k: v.detach() for k, v in learner.state_dict().items()},
+        {"model": model, "classes": classnames},
+    )
+    result = _result(cfg, model, fitted, classnames)
+    if cfg.eval.path is not None:
+        phase("evaluating")
+        data = eval_embeddings(cfg.eval, clip)
+        start = zero_shot_head(clip.encode_text(class_prompts(classnames, cfg.eval.class_template)))
+        learned = learner.classifier()
         result.eval = _evaluate(cfg, data, classnames, learned, (start, data.images))
     return result
 
