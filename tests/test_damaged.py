@@ -19,8 +19,8 @@ from dgaug.core.storage import Storage
 from dgaug.pipeline.scan import index_rel, scan_stage, write_index
 from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict
 
-FOLDERS = {"download": "real", "edsam": "edsam", "features": "features"}
-EXT = {"real": "tar", "edsam": "tar", "features": "parquet"}
+FOLDERS = {"download": "real", "edsam": "edsam", "features": "features", "ldfs": "ldfs"}
+EXT = {"real": "tar", "edsam": "tar", "features": "parquet", "ldfs": "parquet"}
 # Every stage gets each kind of damage the run can see on some shard, and a same-size corruption
 # only verify can see. edsam 2 and features 1 stay whole although their upstream shards (real 2,
 # edsam 1) are damaged: they must be kept as they are. (A shard whose upstream is corrupt but not
@@ -35,12 +35,21 @@ DAMAGE = {
     ("features", 2): "corrupt",
 }
 KEPT = [("edsam", 2), ("features", 1)]
+# The local run has the ldfs stage too (the S3 run it is checked on has not): its shards are
+# damaged like the others, and ldfs 2 is kept although features 2 is remade.
+DAMAGE_WITH_LDFS = {**DAMAGE, ("ldfs", 0): "truncate", ("ldfs", 1): "corrupt"}
+KEPT_WITH_LDFS = [*KEPT, ("ldfs", 2)]
 
 
 def manifest_dict(output: str) -> dict[str, Any]:
     d = tiny_manifest_dict(output)
     d["stages"]["edsam"] = dict(TINY_EDSAM)
     d["stages"]["features"] = dict(TINY_FEATURES)
+    d["stages"]["ldfs"] = {
+        "source_domain": "photo",
+        "targets": ["sketch", "cartoon", "painting"],
+        "epochs": 2,
+    }
     return d
 
 
@@ -48,9 +57,9 @@ def shard_rel(folder: str, shard: int) -> str:
     return f"{folder}/{shard:05d}.{EXT[folder]}"
 
 
-def damage(fs: Any, root: str) -> None:
-    """Apply DAMAGE under `root` (a local path or a bucket path) through fsspec."""
-    for (folder, shard), kind in DAMAGE.items():
+def damage(fs: Any, root: str, plan: dict[tuple[str, int], str]) -> None:
+    """Apply a damage plan under `root` (a local path or a bucket path) through fsspec."""
+    for (folder, shard), kind in plan.items():
         path = f"{root}/{shard_rel(folder, shard)}"
         if kind == "delete":
             fs.rm_file(path)
@@ -64,8 +73,8 @@ def damage(fs: Any, root: str) -> None:
         fs.pipe_file(path, bytes(data))
 
 
-def size_damaged() -> set[tuple[str, int]]:
-    return {k for k, v in DAMAGE.items() if v != "corrupt"}
+def size_damaged(plan: dict[tuple[str, int], str]) -> set[tuple[str, int]]:
+    return {k for k, v in plan.items() if v != "corrupt"}
 
 
 def damaged_in_status(output: str) -> set[tuple[str, int]]:
@@ -75,10 +84,10 @@ def damaged_in_status(output: str) -> set[tuple[str, int]]:
     return {(FOLDERS[n], shard) for n, s in st.stages.items() for shard in s.damaged}
 
 
-def data_snapshot(fs: Any, root: str) -> dict[str, bytes]:
+def data_snapshot(fs: Any, root: str, folders: set[str]) -> dict[str, bytes]:
     return {
         shard_rel(folder, i): fs.cat_file(f"{root}/{shard_rel(folder, i)}")
-        for folder in FOLDERS.values()
+        for folder in folders
         for i in range(3)
     }
 
@@ -87,30 +96,41 @@ def markers_of(fs: Any, root: str, keys: list[tuple[str, int]]) -> dict[tuple[st
     return {(f, i): fs.cat_file(f"{root}/{f}/_state/{i:05d}.json") for f, i in keys}
 
 
-def check_damage_and_repair(fs: Any, root: str, output: str, manifest: Path) -> None:
+def check_damage_and_repair(
+    fs: Any,
+    root: str,
+    output: str,
+    manifest: Path,
+    plan: dict[tuple[str, int], str] = DAMAGE,
+    kept: list[tuple[str, int]] = KEPT,
+) -> None:
     """The whole story on one finished output: damage, status, run, verify, repair, run."""
     from dgaug.job.manifest import validate
     from dgaug.job.run import run_pipeline
 
     runner = CliRunner()
-    original = data_snapshot(fs, root)
-    kept_markers = markers_of(fs, root, KEPT)
-    damage(fs, root)
+    folders = {folder for folder, _ in plan}
+    original = data_snapshot(fs, root, folders)
+    kept_markers = markers_of(fs, root, kept)
+    damage(fs, root, plan)
 
-    assert damaged_in_status(output) == size_damaged()
+    assert damaged_in_status(output) == size_damaged(plan)
     r = runner.invoke(app, ["status", str(manifest)])
     assert r.exit_code == PENDING, r.output
-    for folder, shard in size_damaged():
+    for folder, shard in size_damaged(plan):
         assert f"{shard:05d}.{EXT[folder]}" in r.output
 
     m = validate(yaml.safe_load(manifest.read_text()))
     summary = run_pipeline(m)
     assert summary.ok
-    assert {n: s.done for n, s in summary.stages.items()} == {
-        n: sum(1 for f, _ in size_damaged() if f == folder) for n, folder in FOLDERS.items()
-    }, "exactly the shards found missing or truncated are remade"
-    now = data_snapshot(fs, root)
-    for key in size_damaged():
+    done = {n: s.done for n, s in summary.stages.items() if n in FOLDERS}
+    assert set(done) == {n for n, folder in FOLDERS.items() if folder in folders}
+    assert done == {n: sum(1 for f, _ in size_damaged(plan) if f == FOLDERS[n]) for n in done}, (
+        "exactly the shards found missing or truncated are remade"
+    )
+    assert all(s.done == 0 for n, s in summary.stages.items() if n not in FOLDERS), "fit kept"
+    now = data_snapshot(fs, root, folders)
+    for key in size_damaged(plan):
         assert now[shard_rel(*key)] == original[shard_rel(*key)], key
     assert damaged_in_status(output) == set()
     if summary.mix is not None:
@@ -119,7 +139,7 @@ def check_damage_and_repair(fs: Any, root: str, output: str, manifest: Path) -> 
     # Same size, other bytes: only verify sees it; --repair drops those markers.
     r = runner.invoke(app, ["verify", str(manifest)])
     assert r.exit_code == FAILED, r.output
-    corrupt = {k for k, v in DAMAGE.items() if v == "corrupt"}
+    corrupt = {k for k, v in plan.items() if v == "corrupt"}
     for folder, shard in corrupt:
         assert f"{shard:05d}.{EXT[folder]}: sha256" in r.output
     r = runner.invoke(app, ["verify", "--repair", str(manifest)])
@@ -134,15 +154,15 @@ def check_damage_and_repair(fs: Any, root: str, output: str, manifest: Path) -> 
 
     summary = run_pipeline(m)
     assert summary.ok and sum(s.done for s in summary.stages.values()) == len(corrupt)
-    assert data_snapshot(fs, root) == original, "every shard is byte for byte the original"
-    assert markers_of(fs, root, KEPT) == kept_markers, "whole downstream shards are kept"
+    assert data_snapshot(fs, root, folders) == original, "every shard is byte for byte the original"
+    assert markers_of(fs, root, kept) == kept_markers, "whole downstream shards are kept"
     r = runner.invoke(app, ["verify", str(manifest)])
     assert r.exit_code == OK, r.output
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A finished tiny run (download, edsam, features; 3 shards each) to copy from."""
+    """A finished tiny run (download, edsam, features, ldfs; 3 shards each) to copy from."""
     from dgaug.job.manifest import validate
     from dgaug.job.run import run_pipeline
 
@@ -159,7 +179,8 @@ def test_damaged_shards_are_found_left_out_and_remade_locally(finished: Path, tm
     shutil.copytree(finished, out, symlinks=True)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(manifest_dict(str(out))))
-    check_damage_and_repair(fsspec.filesystem("file"), str(out), str(out), manifest)
+    fs = fsspec.filesystem("file")
+    check_damage_and_repair(fs, str(out), str(out), manifest, DAMAGE_WITH_LDFS, KEPT_WITH_LDFS)
 
 
 @pytest.mark.slow

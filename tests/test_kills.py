@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.soak import (
+    NUM_IMAGES,
     SHARDS,
     TRAIN_DIR,
     KillSpec,
@@ -35,14 +36,15 @@ from tests.soak import (
 # Every test here drives whole runs and kills them: the slow tier.
 pytestmark = pytest.mark.slow
 
-# Keys in the reference: 48 real samples (tar and status parquet), 96 ED-SAM samples, 144
-# feature rows (real + ED-SAM), 144 LDFS rows (48 real x 3 target domains).
-REFERENCE_KEYS = 48 + 48 + 96 + 144 + 144
+# Keys in the reference: N real samples (in the tar and the status parquet), 2N ED-SAM samples,
+# 3N feature rows (real + ED-SAM), 3N LDFS rows (N real x 3 target domains).
+DOWNLOAD_EDSAM_KEYS = NUM_IMAGES + NUM_IMAGES + 2 * NUM_IMAGES
+REFERENCE_KEYS = DOWNLOAD_EDSAM_KEYS + 3 * NUM_IMAGES + 3 * NUM_IMAGES
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """One uninterrupted `dgaug run` (every stage, 6 shards, tiny models on the CPU) and
+    """One uninterrupted `dgaug run` (every stage, 4 shards, tiny models on the CPU) and
     `dgaug train` (clip, 18 steps); each test below reuses its output path, one at a time."""
     return make_reference(tmp_path_factory.mktemp("kills"))
 
@@ -65,8 +67,8 @@ def _plant_temporaries(command: str, out: Path) -> None:
 def test_reference_has_every_stage_and_every_key_once(reference: Reference) -> None:
     files = reference.snapshot.files
     for folder, ext in [("real", "tar"), ("edsam", "tar"), ("features", "parquet")]:
-        assert sum(1 for f in files if f.startswith(f"{folder}/0") and f.endswith(ext)) == 6
-    assert sum(1 for f in files if f.startswith("ldfs/0")) == 6
+        assert sum(1 for f in files if f.startswith(f"{folder}/0") and f.endswith(ext)) == 4
+    assert sum(1 for f in files if f.startswith("ldfs/0")) == SHARDS["ldfs"] == 4
     assert {"ldfs/fit/mapper.safetensors", f"{TRAIN_DIR}/model.safetensors"} <= set(files)
     ids = reference.snapshot.ids
     assert sum(sum(c.values()) for c in ids.values()) == REFERENCE_KEYS
@@ -168,6 +170,6 @@ def test_ray_worker_killed_mid_shard_is_retried_to_identical_bytes(
     want = only(reference.snapshot, stages)
     c = compare(want, snapshot(reference.out, train=False))
     assert c.files_compared == len(want.files) and c.ok, c.describe()
-    assert (c.keys_checked, c.lost, c.duplicated) == (48 + 48 + 96, 0, 0)
+    assert (c.keys_checked, c.lost, c.duplicated) == (DOWNLOAD_EDSAM_KEYS, 0, 0)
     assert not c.marker_problems
     assert temporaries(reference.out) == [], "the killed workers' scratch folders are removed"

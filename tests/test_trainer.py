@@ -171,7 +171,8 @@ def test_score_thresholds_leave_samples_out_of_training_not_of_the_files(run_out
     data = {"min_caption_score": median_caption, "max_source_similarity": max_source}
     cfg = _cfg(run_out, run_out / "unused", mode="probe", data={**data, "edsam_features": True})
     phases: list[str] = []
-    got = _train_set(cfg, phases.append)
+    got, weights = _train_set(cfg, phases.append)
+    assert weights is None  # synthetic_weight 1: every row counts the same
     n_real = table.num_rows - len(ed)
     assert len(got) == n_real + len(want) + 48 * 3  # + LDFS rows
     assert {k for k in got.keys if "_" in k and "@" not in k} == want

@@ -250,12 +250,7 @@ def _train_coop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     from dgaug.trainer.modes import CoopTask
     from dgaug.trainer.prompts import PromptLearner
 
-    phase("reading features")
-    train_set, weights = _train_set(cfg, phase)
-    classnames = _classes(train_set)
-    clip = _load(cfg, model)
-    _check_dim(clip, train_set)
-    words = [c.replace("_", " ") for c in classnames]
+    train_set, weights, classnames, clip, words = _prompt_inputs(cfg, model, phase)
     learner = PromptLearner(
         clip.model, clip.tokenizer, words, n_ctx=cfg.n_ctx, init=cfg.ctx_init, seed=cfg.seed
     )
@@ -284,12 +279,7 @@ def _train_cocoop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
     from dgaug.trainer.evaluate import class_prompts, eval_embeddings, zero_shot_head
     from dgaug.trainer.modes import CocoopTask
 
-    phase("reading features")
-    train_set, weights = _train_set(cfg, phase)
-    classnames = _classes(train_set)
-    clip = _load(cfg, model)
-    _check_dim(clip, train_set)
-    words = [c.replace("_", " ") for c in classnames]
+    train_set, weights, classnames, clip, words = _prompt_inputs(cfg, model, phase)
     learner = ConditionalPromptLearner(
         clip.model,
         clip.tokenizer,
@@ -320,6 +310,18 @@ def _train_cocoop(cfg, model, fp, settings, on_step, phase) -> TrainResult:
 
 
 # --------------------------------------------------------------------------------------- shared
+
+
+def _prompt_inputs(cfg, model, phase):
+    """What CoOp and CoCoOp start from: the training features and their loss weights, the class
+    names, the CLIP model (checked against the features' width) and the class words to prompt."""
+    phase("reading features")
+    train_set, weights = _train_set(cfg, phase)
+    classnames = _classes(train_set)
+    clip = _load(cfg, model)
+    _check_dim(clip, train_set)
+    words = [c.replace("_", " ") for c in classnames]
+    return train_set, weights, classnames, clip, words
 
 
 def _evaluate(cfg, data, classnames, head, start, probe=None) -> dict:
