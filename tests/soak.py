@@ -7,7 +7,7 @@ prints a table (kills survived per stage, files compared, keys checked, samples 
 duplicated) and writes bench/results/soak.json. tests/test_kills.py runs the same harness with a
 few kills.
 
-The manifest: 48 synthetic images in 6 shards through every stage (download, edsam, features,
+The manifest: 32 synthetic images in 4 shards through every stage (download, edsam, features,
 ldfs_fit, ldfs) with tiny random models on the CPU, then `dgaug train` (clip, 18 steps, a
 checkpoint every 2). One uninterrupted run is the reference. Each round starts from an empty
 output, kills each stage and the training in turn (rerunning the same command after each kill),
