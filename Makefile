@@ -13,7 +13,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q --disable-pip-version-check uv
 	$(PYTHON) -m uv venv -q --allow-existing -p $(PYTHON) $(VENV)
-	$(PYTHON) -m uv pip install -q -p $(BIN)/python -e '.[dev]'
+	$(PYTHON) -m uv pip install -q --compile-bytecode -p $(BIN)/python -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## install dgaug and its dev tools into .venv with uv

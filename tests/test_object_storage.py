@@ -151,6 +151,33 @@ def test_rerun_skips_everything_and_a_lost_marker_redoes_only_its_shard(s3_run: 
             assert after[rel] == data, rel
 
 
+def test_a_marker_is_one_get_and_a_listing_one_request_per_page(s3_bucket: str) -> None:
+    """What status and resume cost on a bucket: a marker read is one GET (no size probe
+    first), a listing one request per 1,000 names; sizes, ETags and times are as S3 says."""
+    import datetime
+
+    from dgaug.core.storage import Storage
+
+    storage = Storage(f"s3://{s3_bucket}/count")
+    storage.write_bytes("st/_state/00000.json", b'{"samples": 3}')
+    sent: list[str] = []
+    storage.fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(request.method)
+    )
+    assert storage.read_json("st/_state/00000.json") == {"samples": 3}
+    assert sent == ["GET"]
+    sent.clear()
+    listed = storage.list_detail("st/_state")
+    assert sent == ["GET"] and listed["00000.json"][0] == 14
+    assert listed["00000.json"][1] == hashlib.md5(b'{"samples": 3}').hexdigest()  # its ETag
+    with pytest.raises(FileNotFoundError):
+        storage.read_json("st/_state/00001.json")
+    modified = storage.fs.ls(f"{s3_bucket}/count/st/_state", detail=True)[0]["LastModified"]
+    assert isinstance(modified, datetime.datetime) and modified.utcoffset() is not None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs((now - modified).total_seconds()) < 600
+
+
 def test_a_reader_never_sees_a_partial_shard(s3_bucket: str, tmp_path: Path) -> None:
     """A shard big enough for a multipart upload (s3fs: over 2 x 50 MiB) is polled while it is
     committed: it is absent until it is whole, then whole."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,32 @@ class DiskFull(OSError, DgaugError):
         ]
 
 
+def _parse_timestamp(text: str) -> Any:
+    """botocore's timestamp parser, with a fast path for the ISO 8601 form S3 listings use:
+    botocore parses each with dateutil, which is most of the client's CPU in a 1,000-key
+    listing page (0.17 of 0.29 s measured); the value is the same aware datetime."""
+    if "T" in text:
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(text)
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    return DEFAULT_TIMESTAMP_PARSER(text)
+
+
+@functools.cache
+def _s3_session() -> Any:
+    """One aiobotocore session per process for s3fs, whose response parser uses
+    _parse_timestamp (botocore's public parser defaults). One object, so fsspec's instance
+    cache, keyed by the options, still reuses the filesystem."""
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=_parse_timestamp
+    )
+    return session
+
+
 class Storage:
     """A root folder (local path or fsspec URL) and the few operations the pipeline needs."""
 
@@ -104,8 +133,11 @@ class Storage:
         self.root = root.rstrip("/") or "/"
         # Other processes (Ray workers, another host) write to an object store output: a cached
         # listing would hide their shards and markers from this one.
-        local = fsspec.utils.get_protocol(self.root) in ("file", "local")
-        options = {} if local else {"use_listings_cache": False}
+        protocol = fsspec.utils.get_protocol(self.root)
+        local = protocol in ("file", "local")
+        options: dict[str, Any] = {} if local else {"use_listings_cache": False}
+        if protocol in ("s3", "s3a"):
+            options["session"] = _s3_session()
         try:
             self.fs, base = fsspec.core.url_to_fs(self.root, **options)
         except ImportError as e:  # "Install s3fs to access S3"
@@ -161,6 +193,10 @@ class Storage:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
+        if "s3" in self.protocols:
+            # One GET: by default s3fs first asks the size (a HEAD) to choose ranged reads,
+            # which doubles the requests of reading many small markers.
+            return self.fs.cat_file(self.path(rel), max_concurrency=1)
         return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
@@ -213,6 +249,21 @@ class Storage:
                 else f"{size}:{e.get('LastModified') or e.get('mtime')}"
             )
             out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = (size, stamp)
+        return out
+
+    def list_sizes(self, rel: str) -> dict[str, int]:
+        """Files in folder `rel` -> size, from one listing: list_detail without the stamps, for
+        folders of shards, where only the sizes are compared (a third of the cost locally)."""
+        if not self.is_local:
+            return {name: size for name, (size, _) in self.list_detail(rel).items()}
+        out: dict[str, int] = {}
+        try:
+            with os.scandir(self.path(rel)) as it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False):
+                        out[e.name] = e.stat(follow_symlinks=False).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            pass
         return out
 
     def open_read(self, rel: str) -> Any:

@@ -10,8 +10,11 @@ wrong answer, and outputs written before the index existed are read as they are.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +112,11 @@ def scan_stage(storage: Storage, stage_dir: str, *, check_files: bool = True) ->
     """Scan `stage_dir`: list its markers, take what the index holds, read the rest; then (if
     `check_files`) list the shard files and mark as damaged every marked shard whose file is
     missing or not of the size its marker recorded."""
+    with gc_paused():
+        return _scan_stage(storage, stage_dir, check_files=check_files)
+
+
+def _scan_stage(storage: Storage, stage_dir: str, *, check_files: bool) -> StageScan:
     scan = StageScan(stage_dir)
     state = f"{stage_dir}/{STATE_DIR}"
     listed = storage.list_detail(state)
@@ -147,22 +155,37 @@ def scan_stage(storage: Storage, stage_dir: str, *, check_files: bool = True) ->
         if isinstance(rec, dict):
             scan.failures[shard] = rec
     if check_files:
-        scan.damaged = find_damaged(storage.list_detail(stage_dir), scan.markers)
+        scan.damaged = find_damaged(storage.list_sizes(stage_dir), scan.markers)
     return scan
 
 
 def scan_stages(storage: Storage, stage_dirs: list[str]) -> dict[str, StageScan]:
     """scan_stage of every folder in `stage_dirs`, all at once: on an object store each is a few
     listings' round trips, which overlap instead of adding up."""
-    if len(stage_dirs) <= 1 or storage.is_local:
-        return {d: scan_stage(storage, d) for d in stage_dirs}
-    with ThreadPoolExecutor(len(stage_dirs)) as pool:
-        return dict(
-            zip(stage_dirs, pool.map(lambda d: scan_stage(storage, d), stage_dirs), strict=True)
-        )
+    with gc_paused():
+        if len(stage_dirs) <= 1 or storage.is_local:
+            return {d: scan_stage(storage, d) for d in stage_dirs}
+        with ThreadPoolExecutor(len(stage_dirs)) as pool:
+            return dict(
+                zip(stage_dirs, pool.map(lambda d: scan_stage(storage, d), stage_dirs), strict=True)
+            )
 
 
-def find_damaged(files: dict[str, tuple[int, str]], markers: dict[int, dict]) -> dict[int, str]:
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a scan builds its millions of small, acyclic objects
+    (index entries, listings): each automatic collection would walk all of them again, 1.1 of
+    5.7 s of a status at 41,000 shards per stage. Collection resumes as it was after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def find_damaged(files: dict[str, int], markers: dict[int, dict]) -> dict[int, str]:
     """Marked shards whose files (`files`: a listing of the stage folder) are missing or not of
     the size the marker recorded -> why, naming each file."""
     damaged: dict[int, str] = {}
@@ -172,8 +195,8 @@ def find_damaged(files: dict[str, tuple[int, str]], markers: dict[int, dict]) ->
             want = out.get("bytes") if isinstance(out, dict) else None
             if name not in files:
                 problems.append(f"{name} is missing")
-            elif want is not None and files[name][0] != int(want):
-                problems.append(f"{name} is {files[name][0]} bytes, its marker says {want}")
+            elif want is not None and files[name] != int(want):
+                problems.append(f"{name} is {files[name]} bytes, its marker says {want}")
         if problems:
             damaged[shard] = "; ".join(problems)
     return damaged
