@@ -174,7 +174,7 @@ def test_a_marker_is_one_get_and_a_listing_one_request_per_page(s3_bucket: str) 
         storage.read_json("st/_state/00001.json")
     modified = storage.fs.ls(f"{s3_bucket}/count/st/_state", detail=True)[0]["LastModified"]
     assert isinstance(modified, datetime.datetime) and modified.utcoffset() is not None
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     assert abs((now - modified).total_seconds()) < 600
 
 
