@@ -299,6 +299,26 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
+def s3_page_cost(bucket: str, sizes: tuple[int, ...] = (4000, 40000, 160000)) -> list[list]:
+    """The loopback server's own cost of a listing request, by bucket size: a full 1,000-key
+    page, and a 10-key one (raw HTTP, no client parsing; mean of 3)."""
+    import urllib.request
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    rows, have = [], 0
+    for total in sizes:
+        for i in range(have, total):
+            _S3_PUT(bucket, f"pages/{i:06d}.tar", S3_BODY)
+        have = total
+        for prefix in ("pages/", "pages/00000"):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                url = f"{endpoint}/{bucket}?list-type=2&prefix={prefix}&delimiter=/"
+                body = urllib.request.urlopen(url).read()
+            rows.append([total, prefix, body.count(b"<Key>"), (time.perf_counter() - t0) / 3])
+    return rows
+
+
 def run_one(store: str, shards: int, args: argparse.Namespace, work: Path, bucket: str | None):
     import yaml
 
@@ -358,8 +378,18 @@ def main() -> None:
     ap.add_argument(
         "--executor-shards", type=int, default=None, help="Shards per no-op stage (default N)."
     )
+    ap.add_argument(
+        "--s3-page-cost",
+        action="store_true",
+        help="Only time the S3 server's listing pages by bucket size (no dgaug step).",
+    )
     ap.add_argument("--executor-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.s3_page_cost:
+        with s3_endpoint() as bucket:
+            rows = s3_page_cost(bucket)
+        print(format_table(["keys in bucket", "prefix", "keys listed", "s per request"], rows))
+        return
     if args.executor_child:
         executor_child(
             args.executor_child[0], int(args.executor_child[1]), Path(args.executor_child[2])
