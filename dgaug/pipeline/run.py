@@ -21,7 +21,7 @@ from dgaug.pipeline.ledger import (
 )
 from dgaug.pipeline.lock import RunLock
 from dgaug.pipeline.mix import ViewFilter, write_mix
-from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stage, scan_stages, write_index
+from dgaug.pipeline.scan import INDEX_DIR, StageScan, scan_stages, write_index
 from dgaug.pipeline.stage import ShardTask, Stage, StageContext
 from dgaug.pipeline.status import PLAN_REL
 
@@ -116,6 +116,8 @@ def plan_graph(
 ) -> dict[str, StagePlan]:
     """Plan every stage (graph order) and compare with what is committed. Writes nothing if dry_run."""
     ctx = stage_context(stages, manifest, storage, dry_run=dry_run)
+    # Every stage folder at once: on an object store their listings overlap.
+    scans = scan_stages(storage, [stage.output_dir for stage in stages.values()])
     plans: dict[str, StagePlan] = {}
     for name, stage in stages.items():
         ctx.upstream = {up: plans[up].tasks for up in stage.upstream}
@@ -125,7 +127,7 @@ def plan_graph(
         record = fingerprint_record(
             name, config, {up: plans[up].fingerprint for up in stage.upstream}
         )
-        scan = scan_stage(storage, stage.output_dir)
+        scan = scans[stage.output_dir]
         plan = StagePlan(stage, tasks, record, scan=scan)
         planned_ids = {t.shard_id for t in tasks}
         for shard, marker in scan.markers.items():
@@ -245,9 +247,6 @@ def run_graph(
         for p in plans.values():
             if p.scan is not None:
                 refresh_index(storage, p.scan)
-                # Its findings are in the plan; the end-of-run scan must not hold a second copy
-                # of every marker summary (at 41,000 shards per stage, 1 GB instead of 0.6).
-                p.scan = None
             if p.damaged:
                 first = min(p.damaged)
                 log.warning(
@@ -277,6 +276,10 @@ def run_graph(
             listener.stage_planned(name, len(p.tasks), len(p.committed))
 
         if todo:
+            # The planning scans' findings are in the plans; the end-of-run scan must not
+            # hold a second copy of every marker summary (41,000 shards per stage: 1 GB, not 0.9).
+            for p in plans.values():
+                p.scan = None
             executor = make_executor()
             ctx = stage_context(stages, manifest, storage)
             fp_records = {n: p.fp_record for n, p in plans.items()}
@@ -294,11 +297,16 @@ def run_graph(
                     s.errors[outcome.shard_id] = outcome.error or "unknown error"
 
         tar_sizes: dict[str, dict[str, int]] = {}  # stage folder -> sizes, for mix/
-        # What this run committed, and any shard lost meanwhile, as the view must show it.
-        scans = scan_stages(storage, [p.stage.output_dir for p in plans.values()])
+        # What this run committed, and any shard lost meanwhile, as the view must show it. A run
+        # with nothing to do ran nothing since its planning scans: they are that answer.
+        if todo:
+            scans = scan_stages(storage, [p.stage.output_dir for p in plans.values()])
+        else:
+            scans = {p.stage.output_dir: p.scan for p in plans.values() if p.scan is not None}
         for p in plans.values():
             scan = scans[p.stage.output_dir]
-            refresh_index(storage, scan)
+            if todo:  # else the index was refreshed from this very scan after planning
+                refresh_index(storage, scan)
             sizes = write_sizes(storage, p, scan)
             if scan.damaged:
                 summary.stages[p.stage.name].damaged = dict(scan.damaged)
