@@ -125,20 +125,20 @@ def _scan_stage(storage: Storage, stage_dir: str, *, check_files: bool) -> Stage
     scan.records = dict(index.get("records", {}))
     to_read: list[tuple[int, str]] = []
     error_names: list[tuple[int, str]] = []
+    markers = scan.markers
     for name, (_, stamp) in listed.items():
-        shard = _shard_of(name, ERROR_SUFFIX)
-        if shard is not None:
+        # "00042.json" (a marker), "00042.error.json" (a failure), anything else ignored
+        stem = name[: -len(MARKER_SUFFIX)] if name.endswith(MARKER_SUFFIX) else ""
+        if stem.isdigit():
+            shard = int(stem)
+            hit = cached.get(str(shard))  # the index's keys are str(shard): "42"
+            if hit is not None and hit.get("stamp") == stamp:
+                markers[shard] = hit
+            else:
+                to_read.append((shard, name))
+        elif (shard := _shard_of(name, ERROR_SUFFIX)) is not None:
             error_names.append((shard, name))
-            continue
-        shard = _shard_of(name, MARKER_SUFFIX)
-        if shard is None:
-            continue
-        hit = cached.get(str(shard))
-        if hit is not None and hit.get("stamp") == stamp:
-            scan.markers[shard] = hit
-            scan.indexed += 1
-        else:
-            to_read.append((shard, name))
+    scan.indexed = len(markers)
     read = _read_many(storage, [f"{state}/{n}" for _, n in to_read])
     for (shard, name), marker in zip(to_read, read, strict=True):
         if not isinstance(marker, dict):
@@ -190,16 +190,24 @@ def find_damaged(files: dict[str, int], markers: dict[int, dict]) -> dict[int, s
     the size the marker recorded -> why, naming each file."""
     damaged: dict[int, str] = {}
     for shard, m in markers.items():
-        problems = []
         for name, out in (m.get("outputs") or {}).items():
+            size = files.get(name)
             want = out.get("bytes") if isinstance(out, dict) else None
-            if name not in files:
-                problems.append(f"{name} is missing")
-            elif want is not None and files[name] != int(want):
-                problems.append(f"{name} is {files[name]} bytes, its marker says {want}")
-        if problems:
-            damaged[shard] = "; ".join(problems)
+            if size is None or (want is not None and size != want and size != int(want)):
+                damaged[shard] = _damage(files, m["outputs"])  # rare: spell it out
+                break
     return damaged
+
+
+def _damage(files: dict[str, int], outputs: dict[str, Any]) -> str:
+    problems = []
+    for name, out in outputs.items():
+        want = out.get("bytes") if isinstance(out, dict) else None
+        if name not in files:
+            problems.append(f"{name} is missing")
+        elif want is not None and files[name] != int(want):
+            problems.append(f"{name} is {files[name]} bytes, its marker says {want}")
+    return "; ".join(problems)
 
 
 def write_index(storage: Storage, scan: StageScan) -> None:
