@@ -25,10 +25,10 @@ from dgaug.pipeline.ledger import STATE_DIR
 log = logging.getLogger(__name__)
 
 INDEX_DIR = f"{DGAUG_DIR}/index"  # dgaug's own folder: the stage folders hold only shards, _state
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: outputs as {name: bytes} (the sha256s stay in the markers, for verify)
 MARKER_SUFFIX = ".json"
 ERROR_SUFFIX = ".error.json"
-# What status, plan, the report and verify need of a marker; the rest stays in the marker.
+# What status, plan and the report need of a marker; the rest stays in the marker.
 SUMMARY_FIELDS = (
     "fingerprint",
     "samples",
@@ -70,7 +70,17 @@ class StageScan:
 
 
 def summarize(marker: dict[str, Any]) -> dict[str, Any]:
-    return {k: marker[k] for k in SUMMARY_FIELDS if k in marker}
+    """The marker's SUMMARY_FIELDS, its outputs as {name: bytes}: at 41,000 shards per stage
+    every summary is held and indexed, and a file's sha256 is needed only by verify, which
+    reads the marker (an output dict and its hash were half of a summary's memory)."""
+    summary = {k: marker[k] for k in SUMMARY_FIELDS if k in marker and k != "outputs"}
+    outputs = marker.get("outputs")
+    if isinstance(outputs, dict):
+        summary["outputs"] = {
+            name: (out.get("bytes") if isinstance(out, dict) else None)
+            for name, out in outputs.items()
+        }
+    return summary
 
 
 def _shard_of(name: str, suffix: str) -> int | None:
@@ -190,9 +200,8 @@ def find_damaged(files: dict[str, int], markers: dict[int, dict]) -> dict[int, s
     the size the marker recorded -> why, naming each file."""
     damaged: dict[int, str] = {}
     for shard, m in markers.items():
-        for name, out in (m.get("outputs") or {}).items():
+        for name, want in (m.get("outputs") or {}).items():
             size = files.get(name)
-            want = out.get("bytes") if isinstance(out, dict) else None
             if size is None or (want is not None and size != want and size != int(want)):
                 damaged[shard] = _damage(files, m["outputs"])  # rare: spell it out
                 break
@@ -201,8 +210,7 @@ def find_damaged(files: dict[str, int], markers: dict[int, dict]) -> dict[int, s
 
 def _damage(files: dict[str, int], outputs: dict[str, Any]) -> str:
     problems = []
-    for name, out in outputs.items():
-        want = out.get("bytes") if isinstance(out, dict) else None
+    for name, want in outputs.items():
         if name not in files:
             problems.append(f"{name} is missing")
         elif want is not None and files[name] != int(want):

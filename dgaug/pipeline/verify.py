@@ -66,13 +66,20 @@ def sha256_of(storage: Storage, rel: str) -> str:
 class _Job:
     stage: str
     shard: int
-    files: list[tuple[str, int, str]]  # (relative path, bytes, sha256) as the marker records
+    marker: str  # its marker's relative path: the files' sha256s are read from it
+    files: list[tuple[str, str, int]]  # (output name, relative path, bytes) as the marker records
 
 
 def _check(storage: Storage, job: _Job) -> tuple[int, str | None]:
     """(bytes read, why the shard is damaged or None)."""
     read, problems = 0, []
-    for rel, size, want in job.files:
+    try:
+        outputs = storage.read_json(job.marker).get("outputs") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        return 0, f"its marker cannot be read ({e})"
+    for name, rel, size in job.files:
+        out = outputs.get(name)
+        want = out.get("sha256") if isinstance(out, dict) else None
         try:
             got = sha256_of(storage, rel)
         except FileNotFoundError:
@@ -138,11 +145,11 @@ def verify_output(
                 check.damaged[shard] = scan.damaged[shard]  # no need to read it
                 continue
             files = [
-                (f"{p['output_dir']}/{f}", int(o.get("bytes", 0)), str(o.get("sha256")))
-                for f, o in sorted((m.get("outputs") or {}).items())
+                (f, f"{p['output_dir']}/{f}", int(size or 0))
+                for f, size in sorted((m.get("outputs") or {}).items())
             ]
-            total_bytes += sum(size for _, size, _ in files)
-            jobs.append(_Job(name, shard, files))
+            total_bytes += sum(size for _, _, size in files)
+            jobs.append(_Job(name, shard, Ledger.marker_rel(p["output_dir"], shard), files))
     if on_start:
         on_start(sum(s.shards for s in result.stages.values()), total_bytes)
     with ThreadPoolExecutor(max(1, threads)) as pool:
