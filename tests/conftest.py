@@ -16,6 +16,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests (LDFS fits): a second OpenMP thread only
+    adds waits, multiplied on a busy 2-core machine, and float64 sums keep one fixed order.
+    Restored for the modules that follow. Use: pytestmark = usefixtures("one_torch_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_manifest(tmp_path: Path):
     from dgaug.job.manifest import validate

@@ -33,6 +33,12 @@ TINY_EDSAM: dict[str, Any] = {
     "image_size": 32,
 }
 TINY_FEATURES: dict[str, Any] = {"model": "tiny-random", "device": "cpu", "cpu_threads": 1}
+# A short LDFS fit from the photo domain to the other three.
+TINY_LDFS: dict[str, Any] = {
+    "source_domain": "photo",
+    "targets": ["sketch", "cartoon", "painting"],
+    "epochs": 2,
+}
 
 
 def tiny_manifest_dict(output: Path | str, **overrides: Any) -> dict[str, Any]:

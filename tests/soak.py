@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `tests.helpers` must import
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict  # noqa: E402
+from tests.helpers import TINY_EDSAM, TINY_FEATURES, TINY_LDFS, tiny_manifest_dict  # noqa: E402
 
 PIPELINE = ("download", "edsam", "features", "ldfs_fit", "ldfs")
 TARGETS = (*PIPELINE, "train")
@@ -91,11 +91,7 @@ def manifest_dict(output: Path | str, executor: dict[str, Any] | None = None) ->
     d["source"].update(num_images=NUM_IMAGES, eval_images=24)
     d["stages"]["edsam"] = dict(TINY_EDSAM)
     d["stages"]["features"] = {**TINY_FEATURES, "batch_size": 32}
-    d["stages"]["ldfs"] = {
-        "source_domain": "photo",
-        "targets": ["sketch", "cartoon", "painting"],
-        "epochs": 2,
-    }
+    d["stages"]["ldfs"] = dict(TINY_LDFS)
     d["train"] = {
         "mode": TRAIN_MODE,
         "model": "tiny-random",

@@ -26,6 +26,7 @@ from tests.helpers import (
     REPO,
     TINY_EDSAM,
     TINY_FEATURES,
+    TINY_LDFS,
     new_bucket,
     s3_objects,
     tiny_manifest_dict,
@@ -47,11 +48,7 @@ def _manifest(output: str, executor: dict[str, Any]) -> dict[str, Any]:
     # 12 steps: an ED-SAM shard lasts seconds, so the node is lost while one is running.
     d["stages"]["edsam"] = {**TINY_EDSAM, "steps": 12}
     d["stages"]["features"] = dict(TINY_FEATURES)
-    d["stages"]["ldfs"] = {
-        "source_domain": "photo",
-        "targets": ["sketch", "cartoon", "painting"],
-        "epochs": 2,
-    }
+    d["stages"]["ldfs"] = dict(TINY_LDFS)
     return d
 
 

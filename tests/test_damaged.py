@@ -17,7 +17,7 @@ from dgaug.cli.app import app
 from dgaug.core.errors import FAILED, OK, PENDING
 from dgaug.core.storage import Storage
 from dgaug.pipeline.scan import index_rel, scan_stage, write_index
-from tests.helpers import TINY_EDSAM, TINY_FEATURES, tiny_manifest_dict
+from tests.helpers import TINY_EDSAM, TINY_FEATURES, TINY_LDFS, tiny_manifest_dict
 
 FOLDERS = {"download": "real", "edsam": "edsam", "features": "features", "ldfs": "ldfs"}
 EXT = {"real": "tar", "edsam": "tar", "features": "parquet", "ldfs": "parquet"}
@@ -45,11 +45,7 @@ def manifest_dict(output: str) -> dict[str, Any]:
     d = tiny_manifest_dict(output)
     d["stages"]["edsam"] = dict(TINY_EDSAM)
     d["stages"]["features"] = dict(TINY_FEATURES)
-    d["stages"]["ldfs"] = {
-        "source_domain": "photo",
-        "targets": ["sketch", "cartoon", "painting"],
-        "epochs": 2,
-    }
+    d["stages"]["ldfs"] = dict(TINY_LDFS)
     return d
 
 

@@ -29,12 +29,7 @@ SOURCES = ["real photo", "photo"]  # two source prompts: the per-image argmax ma
 TARGETS = ["sketch", "painting"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; and float64 sums in one fixed order
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread
 
 
 def text64(texts: list[str]) -> torch.Tensor:

@@ -42,14 +42,7 @@ def cfg_(**kw) -> LdfsConfig:
     return LdfsConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second OpenMP thread only adds waits, and on a busy 2-core machine
-    it multiplies the time of every small op. Restored for the tests that follow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from tests.controlled_space import ATTRIBUTES, make_space
 TARGETS = ["sketch", "painting"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")
